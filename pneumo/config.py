@@ -1,0 +1,279 @@
+"""Typed hyperparameters for every entry point.
+
+Each entry point is described by a handful of dataclasses. The command-line parser is built
+from their fields (so MLproject parameter names, argparse flags and MLflow params can never
+drift apart), every field is logged as an MLflow param, and the whole set is saved next to
+the model as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are turned into model inputs."""
+
+    # Folder in the Kaggle layout {train,val,test}/{NORMAL,PNEUMONIA}. Empty: $PNEUMO_DATA_DIR,
+    # then ./data/chest_xray, then a kagglehub download.
+    data_dir: str = ""
+    # Split manifest: a CSV path or the run id of a `prepare` run. Empty: prepare one now.
+    manifest: str = ""
+    # Side of the square model input in pixels; the notebook's 64 threw away detail.
+    image_size: int = 128
+    # 1 = grayscale (X-rays carry no colour), 3 = RGB (needed by ImageNet backbones).
+    channels: int = 1
+    # Fraction of training patients held out for validation (model and threshold selection).
+    val_fraction: float = 0.1
+    # "grouped": validation carved from train, stratified and grouped by patient.
+    # "notebook": the seed notebook's 100 random test images (without moving any file).
+    val_scheme: str = "grouped"
+    # Cap on images per class and split (whole patients are kept together); 0 = all.
+    # For smoke runs and tests only.
+    limit_per_class: int = 0
+    # Folder for the decoded-image cache (.npz per manifest/size/channels); empty = no disk cache.
+    cache_dir: str = "outputs/cache"
+    # Seed for the split, the sampling, the augmentation and the weights.
+    seed: int = 42
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation ranges (searched by `tune`). Never applied at prediction."""
+
+    # Maximum rotation in degrees (notebook: 15).
+    rotation: float = 10.0
+    # Maximum horizontal / vertical shift as a fraction of the side (notebook: 0.2).
+    width_shift: float = 0.1
+    height_shift: float = 0.1
+    # Maximum zoom in or out as a fraction (notebook: 0.2).
+    zoom: float = 0.15
+    # Multiplicative brightness range (notebook: [1, 1.5]). With per-image normalisation it acts
+    # through saturation at 255 only; gamma below changes the non-linear intensity response.
+    brightness_low: float = 0.9
+    brightness_high: float = 1.3
+    # Maximum contrast change as a fraction (Keras RandomContrast factor).
+    contrast: float = 0.2
+    # Maximum deviation of a random gamma from 1 (0 disables): mimics other exposure curves.
+    gamma: float = 0.3
+    # Horizontal flips. Off: a chest X-ray has a fixed orientation (heart on the left).
+    flip: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by the Keras training entry points."""
+
+    batch_size: int = 32
+    # Upper bound; early stopping usually ends sooner.
+    epochs: int = 16
+    learning_rate: float = 1e-3
+    # "adam", "adamw", "rmsprop" or "sgd".
+    optimizer: str = "adam"
+    # Epochs without improvement of `monitor` before stopping (best weights restored).
+    patience: int = 5
+    # "val_auc" or "val_loss".
+    monitor: str = "val_auc"
+    # "oversample" (imbalanced-learn RandomOverSampler), "class_weight" or "none".
+    balance: str = "oversample"
+    # "auto": bfloat16 compute where the CPU/GPU supports it, else float32; or "float32".
+    precision: str = "auto"
+    # Sensitivity the operating threshold must reach on validation.
+    target_sensitivity: float = 0.97
+    # Cosine decay of the learning rate over the planned epochs.
+    cosine_decay: bool = True
+
+
+@dataclass
+class DenseConfig:
+    """The notebook's dense baseline (flattened pixels, Dense 32 -> 8 -> 1)."""
+
+    # L2 factor on the first Dense layer (the notebook's "L2 baseline" used 0.01).
+    l2: float = 0.0
+
+
+@dataclass
+class CVConfig:
+    """K-fold cross-validation of the L2 dense baseline through SciKeras."""
+
+    folds: int = 5
+    l2: float = 0.01
+
+
+@dataclass
+class CNNConfig:
+    """Convolutional network settings."""
+
+    # Channels of the first block; each later block doubles it (aug_cnn).
+    width: int = 24
+    # Dropout before the classifier.
+    dropout: float = 0.3
+    # "per_image": zero mean, unit variance per image (robust to exposure); "rescale": /255.
+    normalization: str = "per_image"
+
+
+@dataclass
+class ResNetConfig:
+    """Frozen ImageNet ResNet50 with a small head, optionally fine-tuned."""
+
+    # "imagenet" (downloaded by Keras), "none" (random init) or a path to a weights file.
+    weights: str = "imagenet"
+    # "avg" (global average pooling) or "flatten".
+    pooling: str = "avg"
+    dropout: float = 0.3
+    # Epochs of a second stage that unfreezes the last block (BatchNorm stays frozen); 0 = off.
+    fine_tune_epochs: int = 0
+    fine_tune_learning_rate: float = 1e-5
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and registration of a trained model."""
+
+    # runs:/<id>/model or models:/<name>@<alias>; empty = newest aug_cnn run's model.
+    model_uri: str = ""
+    # Split of the manifest to evaluate: "test", "val" or "train".
+    split: str = "test"
+    # Decision threshold; a negative value means the one stored with the model.
+    threshold: float = -1.0
+    # Register the model and move the champion/challenger aliases.
+    register: bool = False
+    registered_name: str = "pneumonia-classifier"
+    # Images per side in the Grad-CAM error gallery.
+    gallery_size: int = 4
+
+
+@dataclass
+class TuneConfig:
+    """Optuna search over the learning rate and the augmentation ranges."""
+
+    n_trials: int = 20
+    # Seconds after which no new trial starts; 0 = no limit.
+    timeout: int = 0
+    study_name: str = "aug_cnn"
+    # Any SQLAlchemy URL; several workers may share one.
+    storage: str = "sqlite:///optuna.db"
+    # "val_auc" (maximised) or "val_loss" (minimised).
+    objective: str = "val_auc"
+    # Search-space bounds.
+    lr_low: float = 1e-4
+    lr_high: float = 3e-3
+    rotation_max: float = 20.0
+    shift_max: float = 0.2
+    zoom_max: float = 0.25
+    brightness_max: float = 0.5
+    contrast_max: float = 0.4
+    gamma_max: float = 0.5
+    # Also search batch size and dropout.
+    search_batch_and_dropout: bool = False
+    # Median pruner: trials finished before pruning may start, epochs before a trial may stop.
+    pruner_startup_trials: int = 3
+    pruner_warmup_epochs: int = 2
+    # Retrain with the best parameters and log that model like aug_cnn does.
+    retrain_best: bool = False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(owner: type, f: dataclasses.Field) -> type:
+    return typing.get_type_hints(owner)[f.name]
+
+
+def build_parser(description: str, *config_types: type, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """Build an argparse parser with one ``--name`` flag per dataclass field.
+
+    Args:
+        description: Text shown by ``--help``.
+        *config_types: Dataclass types whose fields become flags. Field names must be unique.
+        defaults: Per-entry-point defaults that replace the dataclass defaults.
+
+    Returns:
+        The parser; defaults are the dataclass defaults.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    seen: set[str] = set()
+    for config_type in config_types:
+        group = parser.add_argument_group(config_type.__name__)
+        for f in dataclasses.fields(config_type):
+            if f.name in seen:
+                raise ValueError(f"parameter {f.name!r} is defined twice")
+            seen.add(f.name)
+            kind = _field_type(config_type, f)
+            converter = _parse_bool if kind is bool else kind
+            default = (defaults or {}).get(f.name, f.default)
+            group.add_argument(f"--{f.name}", type=converter, default=default, metavar=kind.__name__.upper())
+    unknown = set(defaults or {}) - seen
+    if unknown:
+        raise ValueError(f"defaults for unknown parameters {sorted(unknown)}")
+    return parser
+
+
+def parse_configs(
+    description: str, *config_types: type, defaults: dict[str, Any] | None = None, argv: list[str] | None = None
+) -> list[Any]:
+    """Parse the command line into one instance of each dataclass type.
+
+    Args:
+        description: Text shown by ``--help``.
+        *config_types: Dataclass types to fill.
+        defaults: Per-entry-point defaults that replace the dataclass defaults.
+        argv: Arguments; ``None`` reads ``sys.argv``.
+
+    Returns:
+        Instances in the order of ``config_types``.
+    """
+    namespace = vars(build_parser(description, *config_types, defaults=defaults).parse_args(argv))
+    return [
+        config_type(**{f.name: namespace[f.name] for f in dataclasses.fields(config_type)})
+        for config_type in config_types
+    ]
+
+
+def flatten(*configs: Any) -> dict[str, Any]:
+    """Merge dataclass instances into one flat ``{field: value}`` dict (for MLflow params)."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        merged.update(dataclasses.asdict(config))
+    return merged
+
+
+def to_json(**configs: Any) -> str:
+    """Serialise named dataclass instances as JSON, e.g. ``to_json(data=d, train=t)``."""
+    return json.dumps({name: dataclasses.asdict(c) for name, c in configs.items()}, indent=2)
+
+
+def replace_fields(config: Any, **changes: Any) -> Any:
+    """Return a copy of a dataclass with the given fields changed (unknown names ignored)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if k in names})
+
+
+__all__ = [
+    "AugmentConfig",
+    "CNNConfig",
+    "CVConfig",
+    "DataConfig",
+    "DenseConfig",
+    "EvalConfig",
+    "ResNetConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "build_parser",
+    "flatten",
+    "parse_configs",
+    "replace_fields",
+    "to_json",
+]

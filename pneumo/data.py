@@ -1,0 +1,298 @@
+"""Finding the images, reading their labels and patients, and splitting them without moving a file.
+
+The split manifest is a CSV with one row per usable image: its path relative to the data folder,
+label name, label (NORMAL = 0, PNEUMONIA = 1 everywhere), patient id, split (train/val/test),
+SHA-256 of its bytes, width, height and PIL mode. It is the single source of truth about which
+image belongs where; the data folder itself is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.model_selection import StratifiedGroupKFold
+
+from pneumo import CLASS_NAMES
+from pneumo.preprocessing import MAX_PIXELS, MIN_SIDE
+
+log = logging.getLogger(__name__)
+
+KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
+MANIFEST_COLUMNS = ["path", "label_name", "label", "patient_id", "split", "sha256", "width", "height", "mode"]
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+# File-name patterns of the Kermany et al. dataset; the captured group identifies the patient.
+_PATIENT_PATTERNS = [
+    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+(?:_\d+)*$", re.IGNORECASE),
+    re.compile(r"^(NORMAL2-IM-\d+)(?:-\d+)+$", re.IGNORECASE),
+    re.compile(r"^(IM-\d+)(?:-\d+)+$", re.IGNORECASE),
+]
+
+
+class DataError(RuntimeError):
+    """Raised when the data cannot be found, downloaded or split; the message says what to do."""
+
+
+def patient_id(file_name: str) -> str:
+    """Return the patient id encoded in a file name of the dataset.
+
+    ``person1000_bacteria_2931.jpeg`` -> ``person1000``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
+    ``NORMAL2-IM-0123-0001-0002.jpeg`` -> ``NORMAL2-IM-0123``. A name that matches no pattern
+    is its own patient (the safe choice: it can never leak across splits with another image).
+    """
+    stem = Path(file_name).stem
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(stem)
+        if match:
+            return match.group(1)
+    return stem
+
+
+def download_dataset() -> Path:
+    """Download the Kaggle dataset with kagglehub and return its folder holding ``train/``.
+
+    Raises:
+        DataError: kagglehub is missing, the network is unreachable, or the layout is unexpected.
+    """
+    try:
+        import kagglehub
+
+        root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as error:  # kagglehub raises many types (HTTP, connection, auth)
+        raise DataError(
+            f"Could not download the Kaggle dataset '{KAGGLE_DATASET}' ({type(error).__name__}: "
+            f"{error}). Supply the data yourself: download it from "
+            f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}, unzip it, and pass the folder that "
+            "holds train/NORMAL and train/PNEUMONIA as data_dir (e.g. -P data_dir=/path/to/chest_xray), "
+            "set PNEUMO_DATA_DIR, or place it at ./data/chest_xray."
+        ) from error
+    # The archive nests chest_xray/ (and a macOS copy); pick the first folder holding train/.
+    for candidate in sorted(root.rglob("train"), key=lambda p: len(p.parts)):
+        if candidate.is_dir() and "__MACOSX" not in candidate.parts:
+            return candidate.parent
+    raise DataError(f"downloaded {KAGGLE_DATASET} to {root}, but found no train/ folder in it")
+
+
+def resolve_data_dir(data_dir: str) -> Path:
+    """Find the data folder: the argument, ``$PNEUMO_DATA_DIR``, ``./data/chest_xray``, or a download.
+
+    Args:
+        data_dir: Folder given by the user; empty for automatic.
+
+    Returns:
+        An existing folder containing ``train/NORMAL`` and ``train/PNEUMONIA``.
+
+    Raises:
+        DataError: The given folder lacks the expected layout, or no data could be obtained.
+    """
+    candidates = [data_dir] if data_dir else [os.environ.get("PNEUMO_DATA_DIR", ""), "data/chest_xray"]
+    for candidate in filter(None, candidates):
+        path = Path(candidate).expanduser().resolve()
+        if path.is_dir():
+            missing = [c for c in CLASS_NAMES if not (path / "train" / c).is_dir()]
+            if missing:
+                raise DataError(
+                    f"{path} is not in the Kaggle layout: missing train/{', train/'.join(missing)}"
+                )
+            return path
+        if data_dir:
+            log.warning("data_dir %s does not exist; downloading %s", path, KAGGLE_DATASET)
+    return download_dataset()
+
+
+@dataclass
+class Discovery:
+    """Images found in a data folder, and the files that were excluded with the reason."""
+
+    images: pd.DataFrame
+    rejected: pd.DataFrame
+
+
+def _inspect(path: Path) -> tuple[dict | None, str | None]:
+    """Hash and fully decode one file; return its manifest fields or a rejection reason."""
+    if path.name.startswith("."):
+        return None, "hidden file"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, f"not an image file (suffix {path.suffix or 'none'})"
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return None, f"unreadable: {error}"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            mode = image.mode
+            if width * height > MAX_PIXELS or min(width, height) < MIN_SIDE:
+                return None, f"unusable size {width}x{height}"
+            image.draft(image.mode, (256, 256))  # verifies the whole stream at a fraction of the cost
+            image.load()
+    except Exception as error:
+        return None, f"undecodable: {type(error).__name__}: {error}"
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": width,
+        "height": height,
+        "mode": mode,
+    }, None
+
+
+def discover(data_dir: Path, workers: int = 4) -> Discovery:
+    """List every file under ``{train,val,test}/{NORMAL,PNEUMONIA}`` and check that it decodes.
+
+    Corrupt, truncated, hidden and non-image files are never fatal: they go to ``rejected``.
+
+    Args:
+        data_dir: Folder in the Kaggle layout.
+        workers: Threads used to hash and decode.
+
+    Returns:
+        The usable images (with the Kaggle folder in column ``source_split``) and the rejects.
+    """
+    entries = []
+    for source_split in SPLITS:
+        for label, label_name in enumerate(CLASS_NAMES):
+            folder = data_dir / source_split / label_name
+            if folder.is_dir():
+                entries += [(source_split, label, label_name, p) for p in sorted(folder.iterdir()) if p.is_file()]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda e: _inspect(e[3]), entries))
+    rows, rejected = [], []
+    for (source_split, label, label_name, path), (fields, reason) in zip(entries, results):
+        relative = path.relative_to(data_dir).as_posix()
+        if reason:
+            rejected.append({"path": relative, "reason": reason})
+            continue
+        rows.append(
+            {
+                "path": relative,
+                "label_name": label_name,
+                "label": label,
+                "patient_id": patient_id(path.name),
+                "source_split": source_split,
+                **fields,
+            }
+        )
+    if rejected:
+        log.warning("excluded %d unusable file(s) from %s; see the rejected-files report", len(rejected), data_dir)
+    return Discovery(pd.DataFrame(rows), pd.DataFrame(rejected, columns=["path", "reason"]))
+
+
+def grouped_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
+    """Pick validation rows, stratified by class and grouped by patient.
+
+    Args:
+        frame: Rows with ``label`` and ``patient_id``.
+        val_fraction: Wanted fraction of rows in validation (0 < f < 1).
+        seed: Seed of the fold assignment.
+
+    Returns:
+        Boolean mask, True for validation rows. No patient has rows on both sides.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    n_splits = max(2, round(1.0 / val_fraction))
+    if frame["patient_id"].nunique() < n_splits:
+        raise DataError(f"too few patients ({frame['patient_id'].nunique()}) for val_fraction={val_fraction}")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, val_index = next(splitter.split(frame, frame["label"], groups=frame["patient_id"]))
+    mask = np.zeros(len(frame), dtype=bool)
+    mask[val_index] = True
+    return mask
+
+
+def _limit_per_class(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    """Keep at most ``limit`` images per (split, class), taking whole patients in random order."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for _, part in frame.groupby(["split", "label"], sort=True):
+        patients = rng.permutation(np.asarray(part["patient_id"].unique(), dtype=object))
+        counts = part.groupby("patient_id").size()
+        chosen, total = [], 0
+        for patient in patients:
+            if total >= limit:
+                break
+            chosen.append(patient)
+            total += counts[patient]
+        kept.append(part[part["patient_id"].isin(chosen)])
+    return pd.concat(kept).sort_values("path").reset_index(drop=True)
+
+
+def build_manifest(
+    images: pd.DataFrame, val_fraction: float, seed: int, val_scheme: str = "grouped", limit_per_class: int = 0
+) -> pd.DataFrame:
+    """Assign every image to train, val or test.
+
+    ``grouped`` (default): Kaggle's test folder stays test; Kaggle's train and its tiny val folder
+    are pooled and a patient-grouped, class-stratified validation split is carved from them.
+    ``notebook``: the seed notebook's scheme, 100 random test images become val, without moving
+    files (its patients may then also be in test; kept for comparison only).
+
+    Args:
+        images: Output of :func:`discover`.
+        val_fraction: Fraction of training images for validation (``grouped``).
+        seed: Seed of the split.
+        val_scheme: ``grouped`` or ``notebook``.
+        limit_per_class: Cap per split and class (whole patients); 0 = no cap.
+
+    Returns:
+        The manifest, columns :data:`MANIFEST_COLUMNS`, sorted by path.
+    """
+    if images.empty:
+        raise DataError("no usable images were found")
+    frame = images.copy()
+    frame["split"] = np.where(frame["source_split"] == "test", "test", "train")
+    if val_scheme == "grouped":
+        pool = frame.index[frame["split"] == "train"]
+        mask = grouped_split(frame.loc[pool], val_fraction, seed)
+        frame.loc[pool[mask], "split"] = "val"
+    elif val_scheme == "notebook":
+        test_rows = frame.index[frame["split"] == "test"]
+        if len(test_rows) < 100:
+            raise DataError("val_scheme=notebook needs a test folder with at least 100 images")
+        chosen = np.random.default_rng(seed).choice(test_rows, size=100, replace=False)
+        frame.loc[chosen, "split"] = "val"
+    else:
+        raise DataError(f"val_scheme must be 'grouped' or 'notebook', got {val_scheme!r}")
+    if limit_per_class > 0:
+        frame = _limit_per_class(frame, limit_per_class, seed)
+    return frame[MANIFEST_COLUMNS].sort_values("path").reset_index(drop=True)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV and check its columns and label contract.
+
+    Raises:
+        DataError: Columns are missing or a label disagrees with its label name.
+    """
+    frame = pd.read_csv(path, dtype={"patient_id": str, "path": str, "sha256": str})
+    missing = set(MANIFEST_COLUMNS) - set(frame.columns)
+    if missing:
+        raise DataError(f"manifest {path} lacks column(s) {sorted(missing)}")
+    expected = frame["label_name"].map({name: i for i, name in enumerate(CLASS_NAMES)})
+    if expected.isna().any() or (expected != frame["label"]).any():
+        raise DataError(f"manifest {path} breaks the label contract NORMAL=0, PNEUMONIA=1")
+    return frame
+
+
+def split_frame(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Rows of one split, in manifest order.
+
+    Raises:
+        DataError: The split is unknown or empty.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise DataError(f"the manifest has no '{split}' images (the official test split may be absent)")
+    return rows

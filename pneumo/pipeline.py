@@ -1,0 +1,171 @@
+"""``tf.data`` input pipelines: decode once, cache, balance, augment on whole batches.
+
+Images are decoded by :func:`pneumo.preprocessing.decode_image` (the serving path) inside a
+parallel ``tf.data`` map, once, into a ``uint8`` array kept in memory and optionally on disk.
+Training batches are then drawn by index: imbalanced-learn's ``RandomOverSampler`` picks a
+class-balanced set of indices for each epoch, the batch is gathered from the cached tensor and
+augmented by Keras preprocessing layers in one vectorised call. No Python runs per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from imblearn.over_sampling import RandomOverSampler
+
+from pneumo.preprocessing import decode_file
+
+log = logging.getLogger(__name__)
+AUTOTUNE = tf.data.AUTOTUNE
+# Bump when decode_image changes, so stale disk caches are not reused.
+_DECODER_VERSION = "1"
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split with their labels and manifest rows (failed decodes dropped)."""
+
+    images: np.ndarray  # (n, size, size, channels) uint8
+    labels: np.ndarray  # (n,) int32, 1 = pneumonia
+    frame: pd.DataFrame  # manifest rows, aligned with images
+
+
+def _decode_all(paths: list[str], image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode files in a parallel tf.data map; return images and a per-file success flag."""
+    shape = (image_size, image_size, channels)
+
+    def decode(path: bytes) -> tuple[np.ndarray, bool]:
+        try:
+            return decode_file(path.decode(), image_size, channels), True
+        except Exception as error:  # reported and skipped, never fatal
+            log.warning("skipping %s: %s", path.decode(), error)
+            return np.zeros(shape, np.uint8), False
+
+    def tf_decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image, ok = tf.numpy_function(decode, [path], [tf.uint8, tf.bool], stateful=False)
+        image.set_shape(shape)
+        ok.set_shape(())
+        return image, ok
+
+    dataset = tf.data.Dataset.from_tensor_slices(paths).map(tf_decode, num_parallel_calls=AUTOTUNE)
+    images = np.empty((len(paths), *shape), np.uint8)
+    ok = np.empty(len(paths), bool)
+    for start, (batch, flags) in zip(range(0, len(paths), 256), dataset.batch(256).as_numpy_iterator()):
+        images[start : start + len(batch)] = batch
+        ok[start : start + len(batch)] = flags
+    return images, ok
+
+
+def load_split(frame: pd.DataFrame, data_dir: Path, image_size: int, channels: int, cache_dir: str = "") -> ImageSet:
+    """Decode the images of manifest rows, from the disk cache when it holds them.
+
+    Args:
+        frame: Manifest rows (see :mod:`pneumo.data`).
+        data_dir: Folder the manifest paths are relative to.
+        image_size: Side of the model input.
+        channels: 1 or 3.
+        cache_dir: Folder for ``.npz`` caches keyed by content hashes and shape; empty = none.
+
+    Returns:
+        The decoded set. Files that fail to decode are logged and left out.
+    """
+    key = hashlib.sha256(
+        "|".join([_DECODER_VERSION, str(image_size), str(channels), *frame["sha256"]]).encode()
+    ).hexdigest()[:24]
+    cache = Path(cache_dir) / f"images-{key}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            images, ok = stored["images"], stored["ok"]
+    else:
+        images, ok = _decode_all([str(data_dir / p) for p in frame["path"]], image_size, channels)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(".tmp.npz")
+            np.savez(partial, images=images, ok=ok)
+            partial.replace(cache)  # atomic: concurrent tune workers never read half a file
+    if not ok.all():
+        log.warning("%d of %d images could not be decoded and were skipped", (~ok).sum(), len(ok))
+    kept = frame[ok].reset_index(drop=True)
+    return ImageSet(images[ok], kept["label"].to_numpy(np.int32), kept)
+
+
+def balanced_indices(labels: np.ndarray, seed: int) -> np.ndarray:
+    """One epoch of shuffled indices in which both classes are equally frequent.
+
+    imbalanced-learn's ``RandomOverSampler`` resamples the row indices (not the pixels), so the
+    minority class is repeated without copying images.
+
+    Args:
+        labels: Class of each cached image.
+        seed: Seed of this epoch's draw.
+
+    Returns:
+        Indices into ``labels``; ``2 * majority count`` of them.
+    """
+    sampler = RandomOverSampler(random_state=seed)
+    indices, _ = sampler.fit_resample(np.arange(len(labels)).reshape(-1, 1), labels)
+    return np.random.default_rng(seed).permutation(indices.ravel())
+
+
+def epoch_indices(labels: np.ndarray, epochs: int, seed: int, balance: bool) -> list[np.ndarray]:
+    """Index order of every epoch: balanced by oversampling, or a plain shuffle."""
+    if balance:
+        return [balanced_indices(labels, seed * 1000 + epoch) for epoch in range(epochs)]
+    return [np.random.default_rng(seed * 1000 + epoch).permutation(len(labels)) for epoch in range(epochs)]
+
+
+def train_dataset(
+    data: ImageSet,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    balance: bool,
+    augmenter: "keras.layers.Layer | None" = None,
+) -> tuple[tf.data.Dataset, int]:
+    """Training batches for all epochs, each epoch a fresh (optionally balanced) draw.
+
+    Args:
+        data: Cached training images.
+        batch_size: Images per batch.
+        epochs: Number of epochs to draw.
+        seed: Seed of the draws.
+        balance: Oversample the minority class to parity in every epoch.
+        augmenter: Keras layer applied to each whole batch (training only); None = no augmentation.
+
+    Returns:
+        The dataset of ``(images float32, labels float32)`` and the steps per epoch.
+    """
+    orders = epoch_indices(data.labels, epochs, seed, balance)
+    steps = len(orders[0]) // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(orders[0])} training images")
+    order = np.concatenate([o[: steps * batch_size] for o in orders]).astype(np.int32)
+    images = tf.constant(data.images)
+    labels = tf.constant(data.labels.astype(np.float32))
+
+    def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        batch = tf.cast(tf.gather(images, index), tf.float32)
+        if augmenter is not None:
+            batch = augmenter(batch, training=True)
+        return batch, tf.gather(labels, index)
+
+    # One map call per batch, in order: the augmentation's seed stream stays repeatable.
+    dataset = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(gather).prefetch(AUTOTUNE)
+    return dataset, steps
+
+
+def eval_dataset(data: ImageSet, batch_size: int) -> tf.data.Dataset:
+    """Batches of cached images in manifest order, never augmented."""
+    return (
+        tf.data.Dataset.from_tensor_slices((data.images, data.labels.astype(np.float32)))
+        .batch(batch_size)
+        .map(lambda x, y: (tf.cast(x, tf.float32), y))
+        .prefetch(AUTOTUNE)
+    )

@@ -1,0 +1,287 @@
+"""Fitting Keras models and logging everything about them to MLflow.
+
+:func:`train_model` is the one training loop behind ``baseline``, ``cnn``, ``aug_cnn``, each
+``tune`` trial and the head of ``resnet``: balanced/augmented ``tf.data`` input, early stopping
+with the best weights restored, a checkpoint of the best epoch, per-epoch metrics, then the
+validation threshold, figures and the served model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+
+from pneumo import CLASS_NAMES
+from pneumo import evaluation as ev
+from pneumo import pipeline, serving, tracking
+from pneumo.augmentation import build_augmenter
+from pneumo.config import AugmentConfig, DataConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def bf16_supported() -> bool:
+    """Whether this machine computes bfloat16 natively (a GPU, or a CPU with AVX512-BF16 or AMX)."""
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def set_precision(precision: str) -> str:
+    """Set Keras' global dtype policy; returns the policy name actually used."""
+    if precision not in ("auto", "float32", "mixed_bfloat16"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'mixed_bfloat16', got {precision!r}")
+    policy = "mixed_bfloat16" if precision == "mixed_bfloat16" or (precision == "auto" and bf16_supported()) else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int, learning_rate: float | None = None) -> keras.optimizers.Optimizer:
+    """The configured optimizer, with cosine decay over the planned steps when enabled."""
+    rate: Any = learning_rate if learning_rate is not None else config.learning_rate
+    if config.cosine_decay:
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05)
+    optimizers = {
+        "adam": lambda: keras.optimizers.Adam(rate),
+        "adamw": lambda: keras.optimizers.AdamW(rate, weight_decay=1e-4),
+        "rmsprop": lambda: keras.optimizers.RMSprop(rate),
+        "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
+    }
+    if config.optimizer not in optimizers:
+        raise ValueError(f"optimizer must be one of {sorted(optimizers)}, got {config.optimizer!r}")
+    return optimizers[config.optimizer]()
+
+
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> keras.Model:
+    """Compile for binary classification with accuracy, ROC AUC, precision and recall."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.AUC(name="auc", num_thresholds=500),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+        ],
+    )
+    return model
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Log every Keras epoch metric (train and ``val_*``) and the learning rate to MLflow."""
+
+    def __init__(self, step_offset: int = 0):
+        super().__init__()
+        self.step_offset = step_offset
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) and math.isfinite(float(v))}
+        mlflow.log_metrics(metrics, step=self.step_offset + epoch)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model: keras.Model
+    history: dict[str, list[float]]
+    val_probabilities: np.ndarray
+    val_labels: np.ndarray
+    threshold: float
+    val_metrics: dict[str, float]
+    checkpoint: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(
+    model: keras.Model,
+    train_set: pipeline.ImageSet,
+    val_set: pipeline.ImageSet,
+    config: TrainConfig,
+    augment: AugmentConfig | None,
+    seed: int,
+    checkpoint: Path,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    step_offset: int = 0,
+) -> dict[str, list[float]]:
+    """Compile and fit ``model``; the best epoch's weights are restored and saved to ``checkpoint``.
+
+    Returns:
+        Keras' history dict (one list per metric).
+    """
+    augmenter = build_augmenter(augment, seed) if augment is not None else None
+    train_ds, steps = pipeline.train_dataset(
+        train_set, config.batch_size, config.epochs, seed, config.balance == "oversample", augmenter
+    )
+    compile_model(model, make_optimizer(config, steps))
+    mode = "max" if "auc" in config.monitor else "min"
+    callbacks = [
+        keras.callbacks.EarlyStopping(config.monitor, mode=mode, patience=config.patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=config.monitor, mode=mode, save_best_only=True),
+        MlflowEpochLogger(step_offset),
+        *(extra_callbacks or []),
+    ]
+    class_weight = None
+    if config.balance == "class_weight":
+        counts = np.bincount(train_set.labels, minlength=2)
+        class_weight = {c: len(train_set.labels) / (2.0 * max(1, counts[c])) for c in (0, 1)}
+    history = model.fit(
+        train_ds,
+        epochs=config.epochs,
+        steps_per_epoch=steps,
+        validation_data=pipeline.eval_dataset(val_set, config.batch_size * 2),
+        callbacks=callbacks,
+        class_weight=class_weight,
+        verbose=2,
+    )
+    if not checkpoint.is_file():  # no epoch improved on the first: keep the final weights
+        model.save(checkpoint)
+    return {k: [float(v) for v in values] for k, values in history.history.items()}
+
+
+def evaluate_validation(model: keras.Model, val_set: pipeline.ImageSet, target_sensitivity: float) -> tuple[np.ndarray, float, dict]:
+    """Predict the validation split, pick the threshold, and compute metrics at 0.5 and at it."""
+    probabilities = serving.predict_probabilities(model, val_set.images)
+    threshold = ev.threshold_for_sensitivity(val_set.labels, probabilities, target_sensitivity)
+    metrics = {
+        **{f"val_{k}_at_0.5": v for k, v in ev.binary_metrics(val_set.labels, probabilities, 0.5).items()},
+        **{f"val_{k}_at_threshold": v for k, v in ev.binary_metrics(val_set.labels, probabilities, threshold).items()},
+    }
+    metrics["val_roc_auc"] = metrics.pop("val_roc_auc_at_0.5")
+    metrics["val_pr_auc"] = metrics.pop("val_pr_auc_at_0.5")
+    for key in ("val_roc_auc_at_threshold", "val_pr_auc_at_threshold", "val_brier_at_threshold"):
+        metrics.pop(key)
+    metrics["val_brier"] = metrics.pop("val_brier_at_0.5")
+    metrics["threshold"] = threshold
+    return probabilities, threshold, metrics
+
+
+def log_outputs(
+    entry_point: str,
+    result: TrainResult,
+    val_set: pipeline.ImageSet,
+    data_dir: Path,
+    data_config: DataConfig,
+    configs: dict[str, Any],
+) -> None:
+    """Log curves, confusion matrices, threshold, validation predictions and the served model."""
+    mlflow.log_metrics({k: float(v) for k, v in result.val_metrics.items() if v == v})
+    if result.history:
+        tracking.log_figure(ev.plot_history(result.history, entry_point), "plots/training_curves.png")
+    for name, threshold in (("threshold", result.threshold), ("0.5", 0.5)):
+        tracking.log_figure(
+            ev.plot_confusion_matrix(result.val_labels, result.val_probabilities, threshold, f"{entry_point}: validation"),
+            f"plots/confusion_matrix_val_{name}.png",
+        )
+    tracking.log_json(
+        {
+            "at_threshold": ev.confusion_counts(result.val_labels, result.val_probabilities, result.threshold),
+            "at_0.5": ev.confusion_counts(result.val_labels, result.val_probabilities, 0.5),
+        },
+        "confusion_matrix_val.json",
+    )
+    tracking.log_json(
+        {"threshold": result.threshold, "target_sensitivity": configs["train"].target_sensitivity,
+         "chosen_on": "validation split (patient-grouped)"},
+        "threshold.json",
+    )
+    predictions = val_set.frame[["path", "patient_id", "label"]].assign(probability=result.val_probabilities)
+    tracking.log_dataframe(predictions, "val_predictions.csv")
+    model_config = {
+        "entry_point": entry_point,
+        "image_size": data_config.image_size,
+        "channels": data_config.channels,
+        "threshold": result.threshold,
+        "class_names": list(CLASS_NAMES),
+        "val_metrics": result.val_metrics,
+        "run_id": mlflow.active_run().info.run_id,
+        "config": {name: dataclasses.asdict(c) for name, c in configs.items()},
+        **result.extra,
+    }
+    serving.log_model(result.checkpoint, model_config, data_dir / val_set.frame["path"].iloc[0])
+
+
+def load_splits(data_config: DataConfig, context: str = "training") -> tuple[Path, pipeline.ImageSet, pipeline.ImageSet]:
+    """Resolve the manifest (logging it) and decode the train and validation images."""
+    from pneumo.data import split_frame
+
+    manifest, data_dir = tracking.resolve_manifest(data_config, context=context)
+    train_set, val_set = (
+        pipeline.load_split(split_frame(manifest, s), data_dir, data_config.image_size, data_config.channels, data_config.cache_dir)
+        for s in ("train", "val")
+    )
+    mlflow.log_metrics({"n_train_images": len(train_set.labels), "n_val_images": len(val_set.labels)})
+    return data_dir, train_set, val_set
+
+
+def log_augmentation_grid(train_set: pipeline.ImageSet, augment: AugmentConfig, seed: int, count: int = 16) -> None:
+    """Log a grid of the same training images before and after augmentation."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(train_set.labels), size=min(count // 2, len(train_set.labels)), replace=False)
+    originals = train_set.images[picks].astype(np.float32)
+    augmented = np.asarray(build_augmenter(augment, seed)(originals, training=True))
+    images = np.concatenate([originals, augmented])
+    names = [CLASS_NAMES[label] for label in train_set.labels[picks]]
+    titles = [f"{n} (original)" for n in names] + [f"{n} (augmented)" for n in names]
+    tracking.log_figure(
+        ev.plot_image_grid(images, titles, "Training samples: originals (top) and augmented (bottom)", columns=len(picks)),
+        "plots/augmented_samples.png",
+    )
+
+
+def train_model(
+    entry_point: str,
+    build: Callable[[], keras.Model],
+    data_config: DataConfig,
+    train_config: TrainConfig,
+    augment: AugmentConfig | None = None,
+    configs: dict[str, Any] | None = None,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    log_model: bool = True,
+    loaded: tuple[Path, pipeline.ImageSet, pipeline.ImageSet] | None = None,
+) -> TrainResult:
+    """Train a Keras model end to end inside the active MLflow run.
+
+    Args:
+        entry_point: Name used in titles and the model config.
+        build: Returns a fresh uncompiled model (called after the precision policy is set).
+        data_config: Data settings.
+        train_config: Optimisation settings.
+        augment: Augmentation ranges; None trains without augmentation.
+        configs: All configs of the run by name, saved with the model.
+        extra_callbacks: More Keras callbacks (e.g. Optuna pruning).
+        log_model: Log figures, threshold and the pyfunc model (False for tuning trials).
+        loaded: Already decoded ``(data_dir, train, val)``, to share one decode between trials.
+
+    Returns:
+        The trained model and its validation results.
+    """
+    keras.utils.set_random_seed(data_config.seed)
+    policy = set_precision(train_config.precision)
+    mlflow.log_param("dtype_policy", policy)
+    data_dir, train_set, val_set = loaded or load_splits(data_config)
+    if augment is not None and log_model:
+        log_augmentation_grid(train_set, augment, data_config.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "best.keras"
+        model = build()
+        history = fit(model, train_set, val_set, train_config, augment, data_config.seed, checkpoint, extra_callbacks)
+        probabilities, threshold, metrics = evaluate_validation(model, val_set, train_config.target_sensitivity)
+        result = TrainResult(model, history, probabilities, val_set.labels, threshold, metrics, checkpoint)
+        if log_model:
+            log_outputs(entry_point, result, val_set, data_dir, data_config, configs or {"data": data_config, "train": train_config})
+    return result

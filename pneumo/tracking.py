@@ -56,7 +56,10 @@ def start_run(entry_point: str, *configs: Any, nested: bool = False, run_name: s
             tags["git_commit"] = commit
         mlflow.set_tags(tags)
         if configs:
-            mlflow.log_params(flatten(*configs))
+            # Under `mlflow run` the entry point's parameters are already logged, shell-quoted (""
+            # as "''"), and MLflow refuses to change a param: log only the others.
+            logged = MlflowClient().get_run(run.info.run_id).data.params
+            mlflow.log_params({k: v for k, v in flatten(*configs).items() if k not in logged})
         yield run
 
 

@@ -151,31 +151,45 @@ class EvalConfig:
 
 @dataclass
 class TuneConfig:
-    """Optuna search over the learning rate and the augmentation ranges."""
+    """Optuna search over the learning rate and the augmentation ranges of ``aug_cnn``."""
 
+    # Finished (complete or pruned) trials the study should hold in total, counted over every
+    # invocation and worker: a resumed or parallel worker runs only the trials still missing.
     n_trials: int = 20
-    # Seconds after which no new trial starts; 0 = no limit.
+    # Seconds after which this worker starts no new trial; 0 = no limit.
     timeout: int = 0
     study_name: str = "aug_cnn"
-    # Any SQLAlchemy URL; several workers may share one.
-    storage: str = "sqlite:///optuna.db"
-    # "val_auc" (maximised) or "val_loss" (minimised).
+    # Optuna storage, any SQLAlchemy URL (e.g. postgresql://user:pw@host/db for workers on
+    # several machines; the password is masked in MLflow). Resumed when the study exists.
+    storage: str = "sqlite:///outputs/optuna.db"
+    # "val_auc" (validation ROC AUC, maximised) or "val_loss" (validation cross-entropy,
+    # minimised). Also each trial's early-stopping and checkpoint monitor.
     objective: str = "val_auc"
-    # Search-space bounds.
+    # Learning rate, searched log-uniformly between these.
     lr_low: float = 1e-4
     lr_high: float = 3e-3
+    # Augmentation ranges, each searched from 0 up to its maximum; brightness searches the gain
+    # bounds in [1 - brightness_max, 1] and [1, 1 + brightness_max]. Flips are never searched.
     rotation_max: float = 20.0
     shift_max: float = 0.2
     zoom_max: float = 0.25
     brightness_max: float = 0.5
     contrast_max: float = 0.4
     gamma_max: float = 0.5
-    # Also search batch size and dropout.
+    # Also search the batch size (one of batch_sizes, comma-separated) and dropout (0..dropout_max).
     search_batch_and_dropout: bool = False
-    # Median pruner: trials finished before pruning may start, epochs before a trial may stop.
+    batch_sizes: str = "16,32,64"
+    dropout_max: float = 0.5
+    # "median": stop a trial whose per-epoch value is worse than the median of earlier trials at
+    # that epoch; "threshold": stop it when worse than prune_threshold (a floor for val_auc, a
+    # ceiling for val_loss); "none". A diverging loss (NaN/inf) always stops a trial as pruned.
+    pruner: str = "median"
+    # Trials that must finish before the median pruner acts; epochs every trial runs unpruned.
     pruner_startup_trials: int = 3
     pruner_warmup_epochs: int = 2
-    # Retrain with the best parameters and log that model like aug_cnn does.
+    prune_threshold: float = 0.6
+    # Retrain with the best parameters in a nested run logged exactly like an aug_cnn run (model
+    # included).
     retrain_best: bool = False
 
 

@@ -1,0 +1,525 @@
+"""Entry point ``tune``: Optuna search over the learning rate and augmentation ranges of ``aug_cnn``.
+
+The ``tune`` run is the MLflow parent; every Optuna trial is a nested run trained by the one
+training loop (:func:`pneumo.training.train_model`) on images decoded once per process. The
+study lives in an Optuna storage (SQLite by default, any database URL for workers on several
+machines), so an interrupted search resumes and parallel workers share one study.
+
+``n_trials`` is the number of finished (complete or pruned) trials the *study* should hold.
+Optuna's ``MaxTrialsCallback`` counts only finished trials, so parallel workers overshoot by
+the trials still running elsewhere; here running trials count too, and a trial whose number
+shows it was created after the study was already full (two workers asking at the same
+instant) is dropped before training, recorded as failed. The total is therefore exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import optuna
+import sqlalchemy
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+from optuna_integration import KerasPruningCallback
+from sklearn.metrics import log_loss
+
+from pneumo import models, pipeline, tracking
+from pneumo.config import AugmentConfig, CNNConfig, DataConfig, TrainConfig, TuneConfig, replace_fields
+from pneumo.training import load_splits, train_model
+
+log = logging.getLogger(__name__)
+
+TRIAL_ENTRY_POINT = "tune_trial"
+STATE_TAG = "optuna.trial_state"
+NUMBER_TAG = "optuna.trial_number"
+STUDY_TAG = "optuna.study_name"
+RUN_ID_ATTR = "mlflow_run_id"
+_OBJECTIVES = {"val_auc": "maximize", "val_loss": "minimize"}
+# Trials that hold a place in the study's n_trials budget.
+_CLAIMING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+# A worker killed without cleanup leaves a RUNNING trial; its heartbeat stops and after the
+# grace period another worker marks it failed, so it no longer holds a place.
+_HEARTBEAT_S = 60
+_GRACE_S = 300
+
+
+class SurplusTrial(RuntimeError):
+    """A trial created after the study already held ``n_trials`` trials (a worker race)."""
+
+
+class _PruneOnDivergence(keras.callbacks.Callback):
+    """Stop a trial whose training loss is no longer finite, as pruned.
+
+    A learning rate that makes the loss explode is an unpromising region of the search space,
+    not a crash: recording it as pruned lets TPE learn to avoid it and lets the study go on.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise optuna.TrialPruned(f"training loss diverged ({float(loss)}) in epoch {epoch}")
+
+
+class TrialSeededTPESampler(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler with its random stream seeded per trial from ``(seed, trial number)``.
+
+    ``TPESampler(seed=s)`` replays the same stream in every process, so a resumed study or a
+    second worker would propose again the parameters of the first random start-up trials.
+    Trial numbers are unique within a storage, so seeding from them keeps every draw new while
+    the search stays reproducible for a given sequence of trials.
+
+    Args:
+        seed: Base seed (``DataConfig.seed``).
+    """
+
+    def __init__(self, seed: int):
+        self._seed = seed
+        self._tpe = self._make(0)
+
+    def _make(self, number: int) -> optuna.samplers.TPESampler:
+        trial_seed = int(np.random.SeedSequence([self._seed, number]).generate_state(1)[0])
+        return optuna.samplers.TPESampler(seed=trial_seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._tpe = self._make(trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()
+
+
+def validate(tune: TuneConfig) -> None:
+    """Reject inconsistent search settings before any study or run is created.
+
+    Raises:
+        ValueError: Naming the offending field.
+    """
+    if tune.objective not in _OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)}, got {tune.objective!r}")
+    if tune.pruner not in ("median", "threshold", "none"):
+        raise ValueError(f"pruner must be 'median', 'threshold' or 'none', got {tune.pruner!r}")
+    if tune.n_trials < 1:
+        raise ValueError(f"n_trials must be at least 1, got {tune.n_trials}")
+    if not 0 < tune.lr_low <= tune.lr_high:
+        raise ValueError(f"need 0 < lr_low <= lr_high, got {tune.lr_low} and {tune.lr_high}")
+    if not 0 <= tune.brightness_max < 1:
+        raise ValueError(f"brightness_max must be in [0, 1), got {tune.brightness_max}")
+    maxima = ("rotation_max", "shift_max", "zoom_max", "contrast_max", "gamma_max", "dropout_max")
+    negative = [name for name in maxima if getattr(tune, name) < 0]
+    if negative:
+        raise ValueError(f"search bounds must not be negative: {negative}")
+    if not 0 <= tune.dropout_max < 1:
+        raise ValueError(f"dropout_max must be in [0, 1), got {tune.dropout_max}")
+    if tune.search_batch_and_dropout:
+        batch_sizes(tune)
+
+
+def batch_sizes(tune: TuneConfig) -> list[int]:
+    """The candidate batch sizes of ``tune.batch_sizes`` (comma-separated positive integers)."""
+    try:
+        sizes = sorted({int(part) for part in tune.batch_sizes.split(",") if part.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"batch_sizes must be comma-separated positive integers, got {tune.batch_sizes!r}")
+    return sizes
+
+
+def suggest(trial: optuna.Trial, tune: TuneConfig) -> dict[str, Any]:
+    """Draw one point of the search space; names are the config fields they set.
+
+    Args:
+        trial: The Optuna trial.
+        tune: Search bounds.
+
+    Returns:
+        ``{field name: value}`` for ``TrainConfig``, ``AugmentConfig`` and ``CNNConfig`` fields.
+    """
+    params: dict[str, Any] = {
+        "learning_rate": trial.suggest_float("learning_rate", tune.lr_low, tune.lr_high, log=True),
+        "rotation": trial.suggest_float("rotation", 0.0, tune.rotation_max),
+        "width_shift": trial.suggest_float("width_shift", 0.0, tune.shift_max),
+        "height_shift": trial.suggest_float("height_shift", 0.0, tune.shift_max),
+        "zoom": trial.suggest_float("zoom", 0.0, tune.zoom_max),
+        "brightness_low": trial.suggest_float("brightness_low", 1.0 - tune.brightness_max, 1.0),
+        "brightness_high": trial.suggest_float("brightness_high", 1.0, 1.0 + tune.brightness_max),
+        "contrast": trial.suggest_float("contrast", 0.0, tune.contrast_max),
+        "gamma": trial.suggest_float("gamma", 0.0, tune.gamma_max),
+    }
+    if tune.search_batch_and_dropout:
+        params["batch_size"] = trial.suggest_categorical("batch_size", batch_sizes(tune))
+        params["dropout"] = trial.suggest_float("dropout", 0.0, tune.dropout_max)
+    return params
+
+
+def trial_configs(
+    train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig, tune: TuneConfig, params: dict[str, Any]
+) -> tuple[TrainConfig, AugmentConfig, CNNConfig]:
+    """The configs one trial trains with: the base configs with the drawn parameters applied.
+
+    Early stopping and checkpointing follow the objective, so the weights a trial keeps are the
+    ones its value is measured on.
+    """
+    return (
+        replace_fields(train, monitor=tune.objective, **params),
+        replace_fields(augment, **params),
+        replace_fields(cnn, **params),
+    )
+
+
+def objective_value(objective: str, labels: np.ndarray, probabilities: np.ndarray, val_metrics: dict[str, float]) -> float:
+    """The trial's value on the validation split: exact ROC AUC, or binary cross-entropy."""
+    if objective == "val_auc":
+        return float(val_metrics["val_roc_auc"])
+    return float(log_loss(labels, probabilities, labels=[0, 1]))
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Open an Optuna RDB storage with heartbeats, creating the folder of a SQLite file.
+
+    Args:
+        url: SQLAlchemy database URL.
+
+    Raises:
+        ValueError: The URL cannot be parsed.
+    """
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError as error:
+        raise ValueError(f"storage {url!r} is not a database URL: {error}") from error
+    engine_kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # Parallel workers on one SQLite file wait for its lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S
+        )
+
+
+def masked(url: str) -> str:
+    """The storage URL with its password hidden (it is logged as an MLflow param)."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
+    """The configured pruner (see ``TuneConfig.pruner``)."""
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=tune.pruner_warmup_epochs
+        )
+    if tune.pruner == "threshold":
+        bound = {"lower": tune.prune_threshold} if tune.objective == "val_auc" else {"upper": tune.prune_threshold}
+        return optuna.pruners.ThresholdPruner(**bound, n_warmup_steps=tune.pruner_warmup_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(tune: TuneConfig, seed: int) -> optuna.Study:
+    """Create the study, or load it when it exists (resume, or join other workers).
+
+    Raises:
+        ValueError: The existing study optimises in the other direction (another objective).
+    """
+    direction = _OBJECTIVES[tune.objective]
+    study = optuna.create_study(
+        study_name=tune.study_name, storage=open_storage(tune.storage), direction=direction,
+        sampler=TrialSeededTPESampler(seed), pruner=make_pruner(tune), load_if_exists=True,
+    )
+    if study.direction.name.lower() != direction:
+        raise ValueError(
+            f"study {tune.study_name!r} in {masked(tune.storage)} is set to {study.direction.name.lower()}, "
+            f"but objective {tune.objective!r} must {direction}; choose another study_name"
+        )
+    study.set_user_attr("objective", tune.objective)
+    return study
+
+
+def claimed(study: optuna.Study, below: int | None = None) -> int:
+    """Count the trials holding a place in the study: complete, pruned or running.
+
+    Running trials of dead workers (no heartbeat for the grace period) are marked failed first.
+
+    Args:
+        study: The study.
+        below: Count only trials numbered below this.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False, states=_CLAIMING)
+    return sum(1 for t in trials if below is None or t.number < below)
+
+
+class _StopWhenFull:
+    """Optuna callback: stop this worker once the study holds ``n_trials`` trials."""
+
+    def __init__(self, n_trials: int):
+        self.n_trials = n_trials
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if claimed(study) >= self.n_trials:
+            study.stop()
+
+
+class Objective:
+    """One Optuna trial: a nested MLflow run training ``aug_cnn`` with the drawn parameters.
+
+    Args:
+        data: Data settings (shared by every trial).
+        train: Base optimisation settings.
+        augment: Base augmentation (the searched ranges are replaced per trial).
+        cnn: Base network settings.
+        tune: Search settings.
+        loaded: The decoded ``(data_dir, train, val)`` split, shared by all trials.
+    """
+
+    def __init__(self, data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig,
+                 tune: TuneConfig, loaded: tuple[Path, pipeline.ImageSet, pipeline.ImageSet]):
+        self.data, self.train, self.augment, self.cnn, self.tune = data, train, augment, cnn, tune
+        self.loaded = loaded
+        self.run_ids: list[str] = []
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if claimed(trial.study, below=trial.number) >= self.tune.n_trials:
+            trial.study.stop()
+            raise SurplusTrial(f"trial {trial.number} was created after the study reached {self.tune.n_trials} trials")
+        params = suggest(trial, self.tune)
+        train, augment, cnn = trial_configs(self.train, self.augment, self.cnn, self.tune, params)
+        pruned: optuna.TrialPruned | None = None
+        with tracking.start_run(TRIAL_ENTRY_POINT, self.data, train, augment, cnn, nested=True,
+                                run_name=f"trial-{trial.number}") as run:
+            self.run_ids.append(run.info.run_id)
+            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            mlflow.set_tags({STUDY_TAG: self.tune.study_name, NUMBER_TAG: str(trial.number)})
+            # Each trial builds a new graph; without this Keras keeps every earlier model alive.
+            keras.backend.clear_session()
+            try:
+                result = train_model(
+                    TRIAL_ENTRY_POINT,
+                    lambda: models.build_aug_cnn(self.data.image_size, self.data.channels, cnn),
+                    self.data, train, augment,
+                    extra_callbacks=[_PruneOnDivergence(), KerasPruningCallback(trial, self.tune.objective)],
+                    log_model=False, loaded=self.loaded,
+                )
+            except optuna.TrialPruned as error:
+                # Ended inside the run, so the nested run finishes cleanly and reads as pruned.
+                pruned = error
+                mlflow.set_tags({STATE_TAG: TrialState.PRUNED.name, "optuna.pruned_reason": str(error)})
+                last = _last_report(trial)
+                if last is not None:
+                    mlflow.log_metrics({"pruned_at_epoch": last[0], "objective_value": last[1]})
+            else:
+                value = objective_value(self.tune.objective, result.val_labels, result.val_probabilities,
+                                        result.val_metrics)
+                mlflow.log_metrics({**{k: float(v) for k, v in result.val_metrics.items() if v == v},
+                                    "objective_value": value})
+                mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
+        if pruned is not None:
+            raise pruned
+        return value
+
+
+def _last_report(trial: optuna.Trial) -> tuple[int, float] | None:
+    """The last ``(epoch, value)`` the trial reported to the pruner, if any."""
+    for frozen in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.number == trial.number and frozen.last_step is not None:
+            return frozen.last_step, frozen.intermediate_values[frozen.last_step]
+    return None
+
+
+def _figure(axes: Any) -> plt.Figure:
+    return np.atleast_1d(axes).flat[0].figure
+
+
+def log_study_plots(study: optuna.Study) -> list[str]:
+    """Log Optuna's plots of the study to the active run as ``plots/optuna_*.png``.
+
+    A plot the study cannot support yet (parameter importances need two completed trials) is
+    skipped, never fatal.
+
+    Returns:
+        One line per skipped plot, saying why.
+    """
+    from optuna.visualization import matplotlib as ovm
+
+    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    reported = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
+    plots: list[tuple[str, Callable[[optuna.Study], Any], bool, str]] = [
+        ("optimization_history", ovm.plot_optimization_history, completed >= 1, "no completed trial"),
+        ("param_importances", ovm.plot_param_importances, completed >= 2, f"{completed} completed trial(s), need 2"),
+        ("parallel_coordinate", ovm.plot_parallel_coordinate, completed >= 1, "no completed trial"),
+        ("slice", ovm.plot_slice, completed >= 1, "no completed trial"),
+        ("intermediate_values", ovm.plot_intermediate_values, reported, "no per-epoch values reported"),
+    ]
+    skipped = []
+    for name, plot, possible, reason in plots:
+        if not possible:
+            skipped.append(f"{name}: {reason}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                figure = _figure(plot(study))
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            # e.g. importances when every completed trial has the same value
+            plt.close("all")
+            skipped.append(f"{name}: {error}")
+            continue
+        # One panel or axis per parameter: widen; their colour bars do not support tight_layout.
+        if name == "slice":
+            figure.set_size_inches(max(8.0, 3.0 * len(study.best_trial.params)), 3.5)
+        elif name == "parallel_coordinate":
+            figure.set_size_inches(12.0, 6.0)
+        else:
+            figure.tight_layout()
+        tracking.log_figure(figure, f"plots/optuna_{name}.png")
+    for line in skipped:
+        log.info("plot skipped: %s", line)
+    return skipped
+
+
+def log_study_summary(study: optuna.Study, tune: TuneConfig) -> FrozenTrial | None:
+    """Log the study as it stands to the active (parent) run.
+
+    Logs trial counts, ``trials.csv`` (every trial with params, values, states and its MLflow
+    run id), the plots, and for the best completed trial ``best_<param>`` params, ``best_value``
+    and ``best_params.json``.
+
+    Returns:
+        The best completed trial, or None when no trial has completed.
+    """
+    trials = study.get_trials(deepcopy=False)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    mlflow.log_metrics({
+        "n_trials_complete": counts[TrialState.COMPLETE],
+        "n_trials_pruned": counts[TrialState.PRUNED],
+        "n_trials_failed": counts[TrialState.FAIL],
+        "n_trials_running": counts[TrialState.RUNNING],
+    })
+    if trials:
+        tracking.log_dataframe(study.trials_dataframe(), "trials.csv")
+    skipped = log_study_plots(study)
+    if skipped:
+        mlflow.log_text("\n".join(skipped) + "\n", "plots/skipped_plots.txt")
+    if not counts[TrialState.COMPLETE]:
+        log.warning("study %s has no completed trial yet: no best parameters", tune.study_name)
+        return None
+    best = study.best_trial
+    mlflow.log_params({f"best_{name}": value for name, value in best.params.items()})
+    mlflow.log_metrics({"best_value": best.value, "best_trial_number": best.number})
+    mlflow.set_tag("optuna.best_trial_run_id", best.user_attrs.get(RUN_ID_ATTR, ""))
+    tracking.log_json(
+        {"study_name": tune.study_name, "objective": tune.objective, "direction": study.direction.name.lower(),
+         "value": best.value, "trial_number": best.number, "params": best.params,
+         "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR)},
+        "best_params.json",
+    )
+    return best
+
+
+def retrain(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig, tune: TuneConfig,
+            best: FrozenTrial, parent_run_id: str) -> str:
+    """Train ``aug_cnn`` with the best parameters in a nested run logged like an ``aug_cnn`` run.
+
+    The nested run carries the effective configuration as its params, so its params describe
+    its model (the parent's params are the search's base configuration). It resolves and logs
+    the manifest itself, as ``aug_cnn`` does.
+
+    Returns:
+        The nested run's id; its model is ``runs:/<id>/model``.
+    """
+    train_b, augment_b, cnn_b = trial_configs(train, augment, cnn, tune, best.params)
+    with tracking.start_run("aug_cnn", data, train_b, augment_b, cnn_b, nested=True,
+                            run_name=f"best-trial-{best.number}") as run:
+        mlflow.set_tags({STUDY_TAG: tune.study_name, NUMBER_TAG: str(best.number), "pneumo.tuned_by": parent_run_id})
+        keras.backend.clear_session()
+        result = train_model(
+            "aug_cnn", lambda: models.build_aug_cnn(data.image_size, data.channels, cnn_b), data, train_b, augment_b,
+            configs={"data": data, "train": train_b, "augment": augment_b, "cnn": cnn_b},
+        )
+        mlflow.set_tag("mlflow.note.content", (
+            f"aug_cnn retrained with the best parameters of Optuna study {tune.study_name!r} (trial {best.number}). "
+            f"Validation ROC AUC {result.val_metrics['val_roc_auc']:.4f}; at threshold {result.threshold:.3f}: "
+            f"sensitivity {result.val_metrics['val_sensitivity_at_threshold']:.3f}, "
+            f"specificity {result.val_metrics['val_specificity_at_threshold']:.3f}."
+        ))
+        return run.info.run_id
+
+
+def run_tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig, tune: TuneConfig) -> str:
+    """Entry point ``tune``: Optuna search over learning rate and augmentation, trials as nested runs.
+
+    Args:
+        data: Data settings; the images are decoded once and shared by all trials.
+        train: Base optimisation settings (``learning_rate`` and, optionally, ``batch_size`` are
+            searched; ``epochs`` and the rest apply to every trial).
+        augment: Base augmentation (every range but ``flip`` is searched).
+        cnn: Network settings (``dropout`` optionally searched).
+        tune: Study, search space, pruner and storage settings.
+
+    Returns:
+        The id of the parent MLflow run.
+    """
+    validate(tune)
+    logged_tune = dataclasses.replace(tune, storage=masked(tune.storage))
+    with tracking.start_run("tune", data, train, augment, cnn, logged_tune) as parent:
+        study = open_study(tune, data.seed)
+        mlflow.set_tags({STUDY_TAG: tune.study_name, "optuna.storage": masked(tune.storage),
+                         "optuna.objective": tune.objective})
+        remaining = tune.n_trials - claimed(study)
+        runner = None
+        if remaining > 0:
+            runner = Objective(data, train, augment, cnn, tune, load_splits(data))
+            log.info("study %s: running up to %d trial(s) towards %d", tune.study_name, remaining, tune.n_trials)
+            study.optimize(
+                runner, n_trials=remaining, timeout=tune.timeout or None, catch=(SurplusTrial,),
+                callbacks=[_StopWhenFull(tune.n_trials)], gc_after_trial=True,
+                # tqdm redraws with carriage returns: a bar for terminals, Optuna's log lines otherwise.
+                show_progress_bar=sys.stderr.isatty(),
+            )
+        else:
+            log.info("study %s already holds %d trial(s); nothing to run", tune.study_name, tune.n_trials)
+        mlflow.log_metric("n_trials_this_worker", len(runner.run_ids) if runner else 0)
+        best = log_study_summary(study, tune)
+        note = f"Optuna study {tune.study_name!r} ({tune.objective}): "
+        if best is None:
+            note += "no completed trial yet."
+        else:
+            note += f"best value {best.value:.4f} in trial {best.number} with " + json.dumps(
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in best.params.items()})
+            if tune.retrain_best:
+                run_id = retrain(data, train, augment, cnn, tune, best, parent.info.run_id)
+                mlflow.set_tag("pneumo.best_model_uri", f"runs:/{run_id}/model")
+                note += f" Retrained model: runs:/{run_id}/model."
+        mlflow.set_tag("mlflow.note.content", note)
+        return parent.info.run_id
+

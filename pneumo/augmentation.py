@@ -11,6 +11,9 @@ from keras import layers
 
 from pneumo.config import AugmentConfig
 
+# Augmentation runs in float32 whatever the training policy: bfloat16 cannot hold 0..255 exactly.
+_DTYPE = "float32"
+
 
 @keras.saving.register_keras_serializable(package="pneumo")
 class RandomIntensity(layers.Layer):
@@ -60,17 +63,21 @@ def build_augmenter(config: AugmentConfig, seed: int) -> keras.Sequential:
     """
     stack = []
     if config.flip:
-        stack.append(layers.RandomFlip("horizontal", seed=seed))
+        stack.append(layers.RandomFlip("horizontal", seed=seed, dtype=_DTYPE))
     if config.rotation > 0:
-        stack.append(layers.RandomRotation(config.rotation / 360.0, fill_mode="nearest", seed=seed + 1))
+        stack.append(layers.RandomRotation(config.rotation / 360.0, fill_mode="nearest", seed=seed + 1, dtype=_DTYPE))
     if config.width_shift > 0 or config.height_shift > 0:
         stack.append(
-            layers.RandomTranslation(config.height_shift, config.width_shift, fill_mode="nearest", seed=seed + 2)
+            layers.RandomTranslation(
+                config.height_shift, config.width_shift, fill_mode="nearest", seed=seed + 2, dtype=_DTYPE
+            )
         )
     if config.zoom > 0:
-        stack.append(layers.RandomZoom(config.zoom, fill_mode="nearest", seed=seed + 3))
+        stack.append(layers.RandomZoom(config.zoom, fill_mode="nearest", seed=seed + 3, dtype=_DTYPE))
     if config.brightness_low != 1.0 or config.brightness_high != 1.0 or config.gamma > 0:
-        stack.append(RandomIntensity((config.brightness_low, config.brightness_high), config.gamma, seed=seed + 4))
+        stack.append(RandomIntensity(
+                (config.brightness_low, config.brightness_high), config.gamma, seed=seed + 4, dtype=_DTYPE
+            ))
     if config.contrast > 0:
-        stack.append(layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 5))
+        stack.append(layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 5, dtype=_DTYPE))
     return keras.Sequential(stack, name="augmenter")

@@ -176,7 +176,7 @@ def build_resnet_head(feature_shape: tuple[int, ...], config: ResNetConfig | Non
 
 def stack_resnet(base: keras.Model, head: keras.Model) -> keras.Model:
     """Join the base and a (trained) head into one image-to-probability model."""
-    return keras.Model(base.inputs, head(base.outputs[0]), name="resnet50")
+    return keras.Model(base.input, head(base.output), name="resnet50")
 
 
 def _find_backbone(model: keras.Model) -> keras.Model:

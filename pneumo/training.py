@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -117,8 +118,11 @@ def fit(
     checkpoint: Path,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
     step_offset: int = 0,
+    prefix: str = "",
 ) -> dict[str, list[float]]:
     """Compile and fit ``model``; the best epoch's weights are restored and saved to ``checkpoint``.
+
+    Also logs the wall time, epochs run and training throughput (metric names start with ``prefix``).
 
     Returns:
         Keras' history dict (one list per metric).
@@ -139,6 +143,7 @@ def fit(
     if config.balance == "class_weight":
         counts = np.bincount(train_set.labels, minlength=2)
         class_weight = {c: len(train_set.labels) / (2.0 * max(1, counts[c])) for c in (0, 1)}
+    started = time.perf_counter()
     history = model.fit(
         train_ds,
         epochs=config.epochs,
@@ -148,6 +153,13 @@ def fit(
         class_weight=class_weight,
         verbose=2,
     )
+    seconds = time.perf_counter() - started
+    epochs_run = len(history.history.get("loss", []))
+    mlflow.log_metrics({
+        f"{prefix}fit_seconds": seconds,
+        f"{prefix}epochs_run": epochs_run,
+        f"{prefix}train_images_per_second": steps * config.batch_size * epochs_run / max(seconds, 1e-9),
+    })
     if not checkpoint.is_file():  # no epoch improved on the first: keep the final weights
         model.save(checkpoint)
     return {k: [float(v) for v in values] for k, values in history.history.items()}

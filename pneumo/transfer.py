@@ -1,0 +1,79 @@
+"""The ``resnet`` entry point: a frozen ResNet50 with a small head, optionally fine-tuned.
+
+A frozen base gives the same features for an image in every epoch, so they are computed once
+and the head is trained on them (the balanced sampler indexes the cached features exactly as
+it indexes cached images). The trained head is then joined to the base into one image-to-
+probability model, which is what gets thresholded, logged and served.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from pneumo import models, tracking
+from pneumo.config import DataConfig, ResNetConfig, TrainConfig, replace_fields
+from pneumo.pipeline import ImageSet
+from pneumo.training import (
+    TrainResult, compile_model, evaluate_validation, fit, load_splits, log_outputs, make_optimizer,
+    set_precision,
+)
+
+log = logging.getLogger(__name__)
+
+
+def extract_features(base: keras.Model, data: ImageSet, batch_size: int = 64) -> ImageSet:
+    """Run the frozen base once over every image; the result indexes like the images did."""
+    features = np.concatenate(
+        [np.asarray(base(data.images[i : i + batch_size].astype(np.float32), training=False), dtype=np.float32)
+         for i in range(0, len(data.images), batch_size)]
+    )
+    return ImageSet(features, data.labels, data.frame)
+
+
+def fine_tune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, train: TrainConfig, resnet: ResNetConfig,
+              seed: int, checkpoint: Path, step_offset: int) -> dict[str, list[float]]:
+    """Second stage: unfreeze ResNet50's last block (BatchNorm frozen) and train at a low learning rate."""
+    unfrozen = models.unfreeze_top_block(model)
+    log.info("fine-tuning %d layers of the last block for %d epochs", unfrozen, resnet.fine_tune_epochs)
+    stage = replace_fields(train, epochs=resnet.fine_tune_epochs, learning_rate=resnet.fine_tune_learning_rate)
+    return fit(model, train_set, val_set, stage, None, seed + 1, checkpoint, step_offset=step_offset, prefix="fine_tune_")
+
+
+def run_resnet(data: DataConfig, train: TrainConfig, resnet: ResNetConfig) -> str:
+    """Entry point ``resnet``: ResNet50 features, a trained head, optional fine-tuning; returns the run id."""
+    if data.channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {data.channels}")
+    configs = {"data": data, "train": train, "resnet": resnet}
+    with tracking.start_run("resnet", data, train, resnet) as run:
+        keras.utils.set_random_seed(data.seed)
+        mlflow.log_param("dtype_policy", set_precision(train.precision))
+        base = models.build_resnet_base(data.image_size, data.channels, resnet.weights)
+        data_dir, train_set, val_set = load_splits(data)
+
+        started = time.perf_counter()
+        train_features, val_features = extract_features(base, train_set), extract_features(base, val_set)
+        mlflow.log_metric("feature_extraction_seconds", time.perf_counter() - started)
+
+        head = models.build_resnet_head(train_features.images.shape[1:], resnet)
+        with tempfile.TemporaryDirectory() as folder:
+            head_checkpoint, checkpoint = Path(folder) / "head.keras", Path(folder) / "best.keras"
+            history = fit(head, train_features, val_features, train, None, data.seed, head_checkpoint, prefix="head_")
+            model = models.stack_resnet(base, head)
+            if resnet.fine_tune_epochs > 0:
+                tuned = fine_tune(model, train_set, val_set, train, resnet, data.seed, checkpoint, len(history["loss"]))
+                history = {k: history[k] + tuned.get(k, []) for k in history}
+            else:
+                compile_model(model, make_optimizer(train, 1))
+                model.save(checkpoint)
+            probabilities, threshold, metrics = evaluate_validation(model, val_set, train.target_sensitivity)
+            result = TrainResult(model, history, probabilities, val_set.labels, threshold, metrics, checkpoint)
+            log_outputs("resnet", result, val_set, data_dir, data, configs)
+        return run.info.run_id
+

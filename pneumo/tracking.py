@@ -98,13 +98,15 @@ def log_manifest_input(manifest: pd.DataFrame, data_dir: Path, context: str) -> 
     mlflow.log_input(dataset, context=context)
 
 
-def prepare_manifest(config: DataConfig) -> tuple[pd.DataFrame, Path]:
+def prepare_manifest(config: DataConfig, context: str = "prepare") -> tuple[pd.DataFrame, Path]:
     """Discover, validate and split the images; log manifest, report and plot to the active run.
 
     Never writes into the data folder.
 
     Args:
         config: Data settings (``data_dir``, ``val_fraction``, ``val_scheme``, ``seed``, ...).
+        context: Dataset-input context (``prepare``, or ``training`` when a training run
+            prepares its own manifest).
 
     Returns:
         The manifest and the resolved data folder.
@@ -132,7 +134,7 @@ def prepare_manifest(config: DataConfig) -> tuple[pd.DataFrame, Path]:
     log_figure(plot_class_distribution(manifest), "plots/class_distribution.png")
     mlflow.log_metrics({f"n_{split}_{name.lower()}": int(n) for (split, name), n in counts.items()})
     mlflow.log_metric("n_rejected", len(found.rejected))
-    log_manifest_input(manifest, data_dir, context="prepare")
+    log_manifest_input(manifest, data_dir, context=context)
     log.info("manifest %s: %s; %d file(s) rejected", meta["digest"], meta["counts"], meta["rejected"])
     return manifest, data_dir
 
@@ -159,7 +161,7 @@ def resolve_manifest(config: DataConfig, context: str = "training") -> tuple[pd.
         The manifest and the data folder its paths are relative to.
     """
     if not config.manifest:
-        return prepare_manifest(config)
+        return prepare_manifest(config, context=context)
     path = Path(config.manifest).expanduser()
     if path.is_file():
         manifest = data_lib.read_manifest(path)

@@ -1,0 +1,118 @@
+"""Typed configs, the generated command line, and the generated MLproject file."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import typing
+
+import pytest
+import yaml
+
+from conftest import REPO
+from pneumo.cli import ENTRY_POINTS, _function, render_mlproject
+from pneumo.config import (
+    CVConfig, DataConfig, DenseConfig, TrainConfig, build_parser, flatten, parse_configs, replace_fields, to_json,
+)
+
+CORE = ("prepare", "baseline", "cv", "cnn")
+
+
+def test_mlproject_is_current():
+    assert (REPO / "MLproject").read_text() == render_mlproject(), "run: python -m pneumo.cli > MLproject"
+
+
+def test_mlproject_lists_every_field_with_its_entry_point_default():
+    spec = yaml.safe_load(render_mlproject())
+    assert set(spec["entry_points"]) == set(ENTRY_POINTS)
+    for name, (_, config_types, defaults) in ENTRY_POINTS.items():
+        parameters = spec["entry_points"][name]["parameters"]
+        fields = [f for t in config_types for f in dataclasses.fields(t)]
+        assert list(parameters) == [f.name for f in fields]
+        command = spec["entry_points"][name]["command"]
+        assert command.startswith(f"python -m entrypoints.{name} ")
+        for f in fields:
+            assert f"--{f.name} {{{f.name}}}" in command
+            default = defaults.get(f.name, f.default)
+            declared = parameters[f.name]["default"]
+            assert str(declared).lower() == str(default).lower(), (name, f.name)
+
+
+def test_issue_parameter_names_are_used():
+    spec = yaml.safe_load(render_mlproject())["entry_points"]
+    for name in ("baseline", "cv", "cnn"):
+        assert {"data_dir", "manifest", "image_size", "channels", "batch_size", "epochs", "learning_rate",
+                "seed"} <= set(spec[name]["parameters"])
+    assert spec["cv"]["parameters"]["folds"]["default"] == 5
+
+
+def test_notebook_defaults_for_the_notebook_models():
+    spec = yaml.safe_load(render_mlproject())["entry_points"]
+    for name in ("baseline", "cv", "cnn"):
+        parameters = {k: v["default"] for k, v in spec[name]["parameters"].items()}
+        assert (parameters["image_size"], parameters["channels"], parameters["batch_size"]) == (64, 3, 64)
+        assert parameters["optimizer"] == "rmsprop"
+    assert spec["cv"]["parameters"]["l2"]["default"] == 0.01
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core_entry_points_take_their_config_types(name):
+    function = _function(name)
+    _, config_types, _ = ENTRY_POINTS[name]
+    hints = typing.get_type_hints(function)
+    parameters = list(inspect.signature(function).parameters)
+    assert [hints[p] for p in parameters] == list(config_types)
+    assert hints["return"] is str
+    assert (REPO / "entrypoints" / f"{name}.py").is_file()
+
+
+def test_parser_has_one_typed_flag_per_field():
+    data, train, cv = parse_configs(
+        "x", DataConfig, TrainConfig, CVConfig, defaults={"epochs": 20},
+        argv=["--image_size", "96", "--cosine_decay", "false", "--folds", "3", "--learning_rate", "0.01",
+              "--manifest", ""],
+    )
+    assert data.image_size == 96 and isinstance(data.image_size, int)
+    assert train.cosine_decay is False and train.epochs == 20 and train.learning_rate == 0.01
+    assert cv.folds == 3 and cv.l2 == 0.01 and data.manifest == ""
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("1", True), ("Yes", True), ("false", False), ("0", False)])
+def test_boolean_flags_accept_the_usual_spellings(text, value):
+    (train,) = parse_configs("x", TrainConfig, argv=["--cosine_decay", text])
+    assert train.cosine_decay is value
+
+
+def test_parser_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        parse_configs("x", TrainConfig, argv=["--cosine_decay", "maybe"])
+    with pytest.raises(SystemExit):
+        parse_configs("x", TrainConfig, argv=["--epochs", "many"])
+    assert "invalid" in capsys.readouterr().err
+
+
+def test_parser_refuses_ambiguous_or_unknown_parameters():
+    with pytest.raises(ValueError, match="defined twice"):
+        build_parser("x", CVConfig, DenseConfig)  # both have l2
+    with pytest.raises(ValueError, match="unknown parameters"):
+        build_parser("x", DataConfig, defaults={"epochs": 3})
+
+
+def test_flatten_json_and_replace():
+    data, cv = DataConfig(seed=3), CVConfig(folds=4)
+    flat = flatten(data, cv)
+    assert flat["seed"] == 3 and flat["folds"] == 4 and len(flat) == len(dataclasses.fields(DataConfig)) + 2
+    assert json.loads(to_json(data=data, cv=cv))["cv"] == {"folds": 4, "l2": 0.01}
+    changed = replace_fields(cv, folds=7, not_a_field=1)
+    assert changed.folds == 7 and cv.folds == 4
+
+
+def test_help_describes_the_cv_entry_point(capsys):
+    from pneumo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main("cv", ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "cross-validation" in out and "--folds" in out and "--l2" in out

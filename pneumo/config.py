@@ -138,16 +138,18 @@ class ResNetConfig:
 class EvalConfig:
     """Evaluation and registration of a trained model."""
 
-    # runs:/<id>/model or models:/<name>@<alias>; empty = newest aug_cnn run's model.
+    # runs:/<id>/model or models:/<name>@<alias>; empty = the model of the newest finished
+    # aug_cnn run in the active experiment. Its image_size and channels override DataConfig's.
     model_uri: str = ""
     # Split of the manifest to evaluate: "test", "val" or "train".
     split: str = "test"
-    # Decision threshold; a negative value means the one stored with the model.
+    # Decision threshold; a negative value means the one chosen on validation and stored with the model.
     threshold: float = -1.0
-    # Register the model and move the champion/challenger aliases.
+    # Register the model; it becomes "champion" only if its validation ROC AUC beats the current
+    # champion's on this manifest's validation split, else "challenger".
     register: bool = False
     registered_name: str = "pneumonia-classifier"
-    # Images per side in the Grad-CAM error gallery.
+    # Most confident false negatives, and false positives, shown in the Grad-CAM error gallery.
     gallery_size: int = 4
 
 

@@ -1,0 +1,109 @@
+"""Model Registry: one registered name, the ``champion`` alias on the best model, ``challenger`` otherwise.
+
+Promotion is decided on validation ROC AUC, recomputed for both models on the same validation
+images (so a model evaluated on another manifest cannot win on an easier split). Only aliases
+are used; MLflow's stages are deprecated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass
+class Decision:
+    """What registration did, as logged to the evaluation run."""
+
+    registered_name: str
+    version: str
+    alias: str
+    reason: str
+    candidate_val_roc_auc: float
+    champion_version: str | None
+    champion_val_roc_auc: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def current_champion(name: str) -> ModelVersion | None:
+    """The version holding the ``champion`` alias of ``name``, or None (no model or no alias)."""
+    client = MlflowClient()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as error:
+        if error.get_http_status_code() == 404:
+            return None
+        raise
+    version = registered.aliases.get(CHAMPION)
+    return client.get_model_version(name, version) if version is not None else None
+
+
+def decide(candidate_auc: float, champion_auc: float | None) -> tuple[str, str]:
+    """Alias for a new version, and why.
+
+    Args:
+        candidate_auc: Validation ROC AUC of the new model.
+        champion_auc: The current champion's, on the same images; None when there is none.
+
+    Returns:
+        ``(alias, reason)``: ``champion`` only when the candidate is strictly better (or there is
+        no champion yet), else ``challenger``.
+    """
+    if not math.isfinite(candidate_auc):
+        return CHALLENGER, "the candidate's validation ROC AUC is undefined"
+    if champion_auc is None:
+        return CHAMPION, "there was no champion yet"
+    if candidate_auc > champion_auc:
+        return CHAMPION, f"validation ROC AUC {candidate_auc:.4f} beats the champion's {champion_auc:.4f}"
+    return CHALLENGER, f"validation ROC AUC {candidate_auc:.4f} does not beat the champion's {champion_auc:.4f}"
+
+
+def register(
+    model_uri: str,
+    name: str,
+    candidate_auc: float,
+    champion: ModelVersion | None,
+    champion_auc: float | None,
+    tags: dict[str, str],
+) -> Decision:
+    """Register ``model_uri`` as a new version of ``name`` and point an alias at it.
+
+    Args:
+        model_uri: The evaluated model.
+        name: Registered model name (e.g. ``pneumonia-classifier``).
+        candidate_auc: The new model's validation ROC AUC.
+        champion: The current champion version, if any.
+        champion_auc: Its validation ROC AUC on the same images (None without a champion).
+        tags: Tags for the new version (evaluation run, manifest digest, ...).
+
+    Returns:
+        The decision, including the new version number.
+    """
+    alias, reason = decide(candidate_auc, champion_auc if champion is not None else None)
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, version.version)
+    client.update_model_version(name, version.version, description=f"{alias}: {reason}.")
+    log.info("registered %s version %s as %s: %s", name, version.version, alias, reason)
+    return Decision(
+        registered_name=name,
+        version=str(version.version),
+        alias=alias,
+        reason=reason,
+        candidate_val_roc_auc=float(candidate_auc),
+        champion_version=str(champion.version) if champion is not None else None,
+        champion_val_roc_auc=None if champion_auc is None else float(champion_auc),
+    )

@@ -1,0 +1,181 @@
+"""The evaluate entry point, Grad-CAM and registration, on models trained in this session."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from pneumo import CLASS_NAMES, gradcam, models
+from pneumo.cli import main as cli_main
+from pneumo.config import CNNConfig, DataConfig, EvalConfig
+from pneumo.evaluate import default_model_uri, run_evaluate
+
+pytest_plugins = ["model_fixtures"]
+
+REGISTERED = "pneumonia-classifier"
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "tp", "fp", "tn", "fn")
+FIGURES = ("confusion_matrix_threshold", "confusion_matrix_0.5", "roc_curve", "pr_curve", "calibration",
+           "threshold_sweep", "error_gallery")
+
+
+def evaluate(store, **changes) -> str:
+    data = DataConfig(data_dir=str(store.data_dir), manifest=store.manifest, cache_dir="")
+    return run_evaluate(data, EvalConfig(**{"split": "val", **changes}))
+
+
+def artifact(run_id: str, path: str, tmp_path) -> str:
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path))
+
+
+def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp_path):
+    run_id = evaluate(models_store)  # no model_uri: the newest aug_cnn run's model
+    run = mlflow.get_run(run_id)
+    model_run = mlflow.get_run(models_store.aug_cnn)
+    assert run.data.tags["pneumo.entry_point"] == "evaluate"
+    assert run.data.tags["pneumo.evaluated_run_id"] == models_store.aug_cnn
+    assert run.data.tags["pneumo.model_uri"] == f"runs:/{models_store.aug_cnn}/model"
+    assert run.data.tags["pneumo.gradcam"] == "on"
+    assert run.data.params["model_image_size"] == "64" and run.data.params["model_channels"] == "1"
+
+    metrics = run.data.metrics
+    for name in THRESHOLD_METRICS:
+        assert f"val_{name}_at_threshold" in metrics and f"val_{name}_at_0.5" in metrics, name
+    threshold = metrics["threshold"]
+    assert threshold == pytest.approx(model_run.data.metrics["threshold"])  # the stored one
+    assert metrics["n_images_seen_in_training"] == 0
+
+    predictions = pd.read_csv(artifact(run_id, "predictions.csv", tmp_path))
+    assert list(predictions.columns) == ["file", "patient_id", "true_label", "probability", "predicted_label"]
+    manifest = pd.read_csv(artifact(run_id, "manifest.csv", tmp_path))
+    assert sorted(predictions["file"]) == sorted(manifest.loc[manifest["split"] == "val", "path"])
+    assert (predictions["predicted_label"] == np.where(predictions["probability"] >= threshold, "PNEUMONIA", "NORMAL")).all()
+    truth = (predictions["true_label"] == "PNEUMONIA").to_numpy()
+    assert all(f.startswith(f"train/{label}/") for f, label in zip(predictions["file"], predictions["true_label"]))
+    # Decoded with the model's own size and channels, predicted like serving: the same AUC as
+    # the training run measured on the same validation images.
+    assert metrics["val_roc_auc"] == pytest.approx(roc_auc_score(truth, predictions["probability"]))
+    assert metrics["val_roc_auc"] == pytest.approx(model_run.data.metrics["val_roc_auc"], abs=1e-6)
+    predicted = (predictions["predicted_label"] == "PNEUMONIA").to_numpy()
+    counts = json.loads(open(artifact(run_id, "confusion_matrix.json", tmp_path)).read())
+    assert counts["at_threshold"]["tp"] == metrics["val_tp_at_threshold"] == int((truth & predicted).sum())
+    assert counts["at_threshold"]["fn"] == metrics["val_fn_at_threshold"] == int((truth & ~predicted).sum())
+    assert counts["at_0.5"]["fp"] == metrics["val_fp_at_0.5"] == int((~truth & (predictions["probability"] >= 0.5)).sum())
+    assert counts["at_threshold"]["class_names"] == list(CLASS_NAMES)
+
+    for figure in FIGURES:
+        with Image.open(artifact(run_id, f"plots/{figure}.png", tmp_path)) as image:
+            assert min(image.size) > 200, figure
+
+
+def test_dense_model_gets_a_gallery_without_heatmaps_and_a_given_threshold(models_store, tmp_path):
+    run_id = evaluate(models_store, model_uri=models_store.model_uri(models_store.dense), threshold=0.5)
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["pneumo.gradcam"].startswith("unavailable: model 'dense' has no convolutional layer")
+    assert run.data.tags["pneumo.threshold_source"] == "parameter"
+    assert run.data.metrics["threshold"] == 0.5
+    for name in THRESHOLD_METRICS:
+        assert run.data.metrics[f"val_{name}_at_threshold"] == pytest.approx(run.data.metrics[f"val_{name}_at_0.5"], nan_ok=True)
+    with Image.open(artifact(run_id, "plots/error_gallery.png", tmp_path)) as image:
+        assert min(image.size) > 200
+
+
+def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path):
+    client = MlflowClient()
+    auc = {name: mlflow.get_run(getattr(models_store, name)).data.metrics["val_roc_auc"] for name in ("dense", "cnn", "aug_cnn")}
+    assert auc["dense"] < auc["aug_cnn"] < auc["cnn"]  # the order this test relies on
+
+    first = mlflow.get_run(evaluate(models_store, model_uri=models_store.model_uri(models_store.dense), register=True))
+    assert first.data.tags["pneumo.alias"] == "champion"
+    assert client.get_registered_model(REGISTERED).aliases == {"champion": 1}
+
+    better = evaluate(models_store, model_uri=models_store.model_uri(models_store.cnn), register=True)
+    decision = json.loads(open(artifact(better, "registration.json", tmp_path)).read())
+    assert decision["alias"] == "champion" and decision["version"] == "2" and decision["champion_version"] == "1"
+    # Both AUCs recomputed on this manifest's validation split: equal to what training measured.
+    assert decision["candidate_val_roc_auc"] == pytest.approx(auc["cnn"], abs=1e-6)
+    assert decision["champion_val_roc_auc"] == pytest.approx(auc["dense"], abs=1e-6)
+    assert client.get_registered_model(REGISTERED).aliases == {"champion": 2}
+
+    # Evaluated on train (so the validation AUC is computed separately): worse, so challenger.
+    worse_id = evaluate(models_store, register=True, split="train")
+    worse = mlflow.get_run(worse_id)
+    assert worse.data.tags["pneumo.alias"] == "challenger"
+    assert worse.data.metrics["registration_candidate_val_roc_auc"] == pytest.approx(auc["aug_cnn"], abs=1e-6)
+    assert worse.data.metrics["registration_champion_val_roc_auc"] == pytest.approx(auc["cnn"], abs=1e-6)
+    assert worse.data.metrics["n_images_seen_in_training"] > 0  # train split: flagged as optimistic
+    assert client.get_registered_model(REGISTERED).aliases == {"champion": 2, "challenger": 3}
+    version = client.get_model_version(REGISTERED, "3")
+    assert version.current_stage == "None"  # aliases only, never stages
+    assert version.run_id == models_store.aug_cnn
+    assert version.tags["evaluation_run_id"] == worse_id
+    with Image.open(artifact(worse_id, "plots/registration_roc.png", tmp_path)) as image:
+        assert min(image.size) > 200
+
+    # The champion itself evaluated again: nothing new registered.
+    again = mlflow.get_run(evaluate(models_store, model_uri=f"models:/{REGISTERED}@champion", register=True))
+    assert again.data.tags["pneumo.registration"] == "already champion (version 2)"
+    assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == 3
+
+
+def test_empty_split_is_a_clear_error(models_store):
+    argv = ["--data_dir", str(models_store.data_dir), "--manifest", models_store.manifest, "--cache_dir", "",
+            "--model_uri", models_store.model_uri(models_store.cnn), "--split", "test"]
+    with pytest.raises(SystemExit) as exited:
+        cli_main("evaluate", argv)
+    message = str(exited.value.code)
+    assert "cannot evaluate split 'test'" in message and "no 'test' images" in message and "split=val" in message
+
+
+def test_no_model_to_evaluate_is_a_clear_error(models_store):
+    mlflow.set_experiment("no-runs-here")
+    with pytest.raises(ValueError, match="no finished aug_cnn run .* pass model_uri="):
+        default_model_uri()
+
+
+def test_gradcam_points_at_the_evidence():
+    # One conv filter that responds to brightness, pooled and weighed positively: the evidence for
+    # "pneumonia" is exactly the bright square, so Grad-CAM must light up there and nowhere else.
+    inputs = keras.Input((32, 32, 1))
+    features = keras.layers.Conv2D(1, 3, padding="same", activation="relu", name="conv",
+                                   kernel_initializer="ones", bias_initializer="zeros")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    output = keras.layers.Dense(1, activation="sigmoid", kernel_initializer="ones", bias_initializer=keras.initializers.Constant(-1.0))(pooled)
+    model = keras.Model(inputs, output)
+    images = np.zeros((2, 32, 32, 1), np.uint8)
+    images[0, 4:10, 20:28] = 1
+    images[1, 22:30, 2:8] = 1
+    heat = gradcam.gradcam(model, images, 1)
+    for image, cam in zip(images[..., 0], heat):
+        assert cam[image == 1].mean() > 0.5 and cam[image == 0].mean() < 0.2
+    # Explaining "normal" instead: nothing in the picture argues for it.
+    assert gradcam.gradcam(model, images, 0).max() == 0
+
+
+@pytest.mark.parametrize("name", ["aug_cnn", "cnn", "resnet", "dense"])
+def test_gradcam_finds_the_last_convolution_of_every_model(name):
+    size = 64
+    if name == "resnet":
+        base = models.build_resnet_base(size, 1, "none")
+        model = models.stack_resnet(base, models.build_resnet_head(base.output_shape[1:]))
+    else:
+        model = {"aug_cnn": lambda: models.build_aug_cnn(size, 1, CNNConfig(width=8)),
+                 "cnn": lambda: models.build_notebook_cnn(size, 1),
+                 "dense": lambda: models.build_dense(size, 1)}[name]()
+    if name == "dense":
+        with pytest.raises(gradcam.GradCamUnavailable, match="no convolutional layer"):
+            gradcam.target_layer(model)
+        return
+    expected = {"aug_cnn": keras.layers.ReLU, "cnn": keras.layers.Conv2D, "resnet": keras.Model}[name]
+    assert isinstance(gradcam.target_layer(model), expected)
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 1)).astype(np.uint8)
+    heat = gradcam.gradcam(model, images, np.array([1, 0]))
+    assert heat.shape == (2, size, size) and heat.dtype == np.float32
+    assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1

@@ -1,0 +1,169 @@
+"""decode_image and the served model's cell decoder on real X-rays in every accepted and refused form."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import warnings
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+from PIL import Image
+
+import xray_files as xf
+from pneumo.preprocessing import MAX_PIXELS, ImageError, decode_image
+from pneumo.serving import decode_base64_image
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def xray_path():
+    return sorted((SHARED_DATA / "train" / "PNEUMONIA").iterdir())[0]
+
+
+@pytest.fixture(scope="module")
+def gray(xray_path) -> np.ndarray:
+    return xf.gray_pixels(xray_path)
+
+
+@pytest.fixture(scope="module")
+def reference(gray) -> np.ndarray:
+    return decode_image(xf.reference_png(gray), SIZE, 1).astype(int)
+
+
+def test_real_jpeg_gives_uint8_arrays_of_the_requested_shape(xray_path):
+    data = xray_path.read_bytes()
+    gray = decode_image(data, SIZE, 1)
+    rgb = decode_image(data, 96, 3)
+    assert gray.shape == (SIZE, SIZE, 1) and gray.dtype == np.uint8
+    assert rgb.shape == (96, 96, 3) and rgb.dtype == np.uint8
+    assert gray.std() > 20  # a radiograph, not a blank
+    # The shared JPEGs are gray saved as RGB: the three channels must agree.
+    assert np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() <= 2
+
+
+@pytest.mark.parametrize(
+    "variant, tolerance",
+    [
+        (lambda g: xf.rgba_png(g), 0),
+        (lambda g: xf.png16(g), 0),
+        (lambda g: xf.cmyk_jpeg(g), 8),  # lossy
+        (lambda g: xf.dicom(g, "MONOCHROME2", bits_stored=12), 0),
+        (lambda g: xf.dicom(g, "MONOCHROME2", bits_stored=16), 0),
+        (lambda g: xf.dicom(g, "MONOCHROME2", bits_stored=8), 0),
+        (lambda g: xf.dicom(g, "MONOCHROME1", bits_stored=12), 0),
+        (lambda g: xf.dicom(g, "MONOCHROME1", bits_stored=8), 0),
+    ],
+    ids=["rgba-png", "16bit-png", "cmyk-jpeg", "dicom-12bit", "dicom-16bit", "dicom-8bit", "dicom-monochrome1-12bit",
+         "dicom-monochrome1-8bit"],
+)
+def test_accepted_formats_decode_to_the_same_picture(gray, reference, variant, tolerance):
+    decoded = decode_image(variant(gray), SIZE, 1).astype(int)
+    assert decoded.shape == reference.shape
+    assert np.abs(decoded - reference).max() <= tolerance
+    assert np.abs(decoded - reference).mean() <= max(tolerance / 4, 0.0)
+
+
+def test_monochrome1_is_inverted(gray, reference):
+    # Without the inversion, bone would be dark: the result would anti-correlate with the picture.
+    decoded = decode_image(xf.dicom(gray, "MONOCHROME1"), SIZE, 1).astype(float).ravel()
+    assert np.corrcoef(decoded, reference.ravel())[0, 1] > 0.999
+
+
+def test_dicom_voi_window_is_applied(gray):
+    center, width = 2048.0, 1024.0
+    stored = np.round(gray.astype(np.float64) * 4095 / 255.0)
+    # DICOM PS3.3 C.11.2.1.2.1 linear window, then the decoder's stretch of the output to 0..255.
+    expected = np.clip((stored - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+    expected = np.round((expected - expected.min()) * 255 / (expected.max() - expected.min())).astype(np.uint8)
+    windowed = decode_image(xf.dicom(gray, window=(center, width)), SIZE, 1).astype(int)
+    unwindowed = decode_image(xf.dicom(gray), SIZE, 1).astype(int)
+    assert np.abs(windowed - decode_image(xf.reference_png(expected), SIZE, 1).astype(int)).max() <= 2
+    assert np.abs(windowed - unwindowed).mean() > 20  # the window really changed the picture
+
+
+def test_transparent_areas_become_black(gray):
+    decoded = decode_image(xf.rgba_png(gray, transparent_rows=gray.shape[0] // 2), SIZE, 1)
+    assert decoded[: SIZE // 2 - 1].max() == 0
+    assert decoded[SIZE // 2 + 1 :].std() > 20
+
+
+def test_exif_orientation_is_applied():
+    picture = np.zeros((80, 60), np.uint8)
+    picture[:40] = 255  # bright top half
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotate 180 degrees for display
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    decoded = decode_image(buffer.getvalue(), 32, 1)[..., 0].astype(int)
+    assert decoded[24:].mean() > 200 and decoded[:8].mean() < 50
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda path: b"", "empty image data"),
+        (lambda path: b"this is a text file, not an X-ray\n" * 10, "not a recognised image"),
+        (lambda path: bytes(range(256)) * 4, "not a recognised image"),
+        (lambda path: path.read_bytes()[: len(path.read_bytes()) // 3], "truncated or corrupt"),
+        (lambda path: xf.tiny_png(1), "1x1 pixels, smaller than 32"),
+        (lambda path: xf.png_header_only(100_000, 100_000), "image too large"),
+        (lambda path: xf.png_header_only(8_000, 8_000), "8000x8000 pixels, over the 50,000,000-pixel limit"),
+    ],
+    ids=["empty", "text", "random-bytes", "truncated-jpeg", "1x1", "bomb-100k", "bomb-8k"],
+)
+# PIL warns about the 8k image when reading its header; the decoder's own check then refuses it.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_bytes_raise_image_error_naming_the_problem(xray_path, make, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(make(xray_path), SIZE, 1)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # The header claims 10^10 pixels; the pixel data is 16 bytes. Refusing from the header is
+    # the only way to get a size message (decoding would report corrupt data), and it is instant.
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no allocation warning either: the pixels are never touched
+        with pytest.raises(ImageError, match="too large|over the"):
+            decode_image(xf.png_header_only(100_000, 100_000), SIZE, 1)
+    assert time.perf_counter() - started < 1.0
+    assert 100_000 * 100_000 > MAX_PIXELS
+
+
+def test_dicom_with_huge_dimensions_is_refused_before_its_pixels(gray):
+    data = bytearray(xf.dicom(gray[:40, :40]))
+    # Patch Rows (0028,0010) to 65535 and Columns (0028,0011) to 65535: 4.3 G pixels claimed.
+    for tag in (b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x11\x00US\x02\x00"):
+        at = data.index(tag) + len(tag)
+        data[at : at + 2] = (65535).to_bytes(2, "little")
+    with pytest.raises(ImageError, match="65535x65535 pixels, over the"):
+        decode_image(bytes(data), SIZE, 1)
+
+
+def test_cell_decoder_accepts_wrapped_base64_and_data_urls(xray_path):
+    text = base64.b64encode(xray_path.read_bytes()).decode()
+    expected = decode_image(xray_path.read_bytes(), SIZE, 1)
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # `base64` tool output
+    for cell in (text, wrapped, "data:image/jpeg;base64," + text, text.encode()):
+        assert np.array_equal(decode_base64_image(cell, SIZE, 1), expected)
+
+
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        ("", "empty string"),
+        ("   ", "empty string"),
+        ("not base64!!", "not valid base64"),
+        ("QUJ", "not valid base64"),  # bad padding
+        (None, "missing"),
+        (float("nan"), "missing"),
+        (17, "must be base64 text"),
+    ],
+)
+def test_cell_decoder_refuses_bad_cells(cell, message):
+    with pytest.raises(ImageError, match=message):
+        decode_base64_image(cell, SIZE, 1)

@@ -1,0 +1,244 @@
+"""The served model over HTTP: a real `mlflow models serve` process on 127.0.0.1.
+
+One server per module, serving the session's learned CNN through a registry alias. The same
+images must get the same answers over HTTP (split and records), from the in-process pyfunc and
+from `python -m pneumo.predict`; bad input must get a 4xx naming the problem and the row, and
+the server must go on answering.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from mlflow.models import Model
+from sklearn.metrics import roc_auc_score
+
+import xray_files as xf
+from pneumo import CLASS_NAMES, predict
+from pneumo.serving import IMAGE_COLUMN
+
+pytest_plugins = ["model_fixtures"]
+
+SERVED_NAME = "pneumonia-classifier-serving-test"
+SERVED_URI = f"models:/{SERVED_NAME}@champion"
+STARTUP_SECONDS = 180
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def split_body(cells: list) -> dict:
+    return {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[cell] for cell in cells]}}
+
+
+def records_body(cells: list) -> dict:
+    return {"dataframe_records": [{IMAGE_COLUMN: cell} for cell in cells]}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A running scoring server and its log."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url, self.process, self.log = url, process, log
+
+    def invoke(self, body: dict | str | bytes, content_type: str = "application/json") -> requests.Response:
+        if isinstance(body, dict):
+            return requests.post(f"{self.url}/invocations", json=body, timeout=60)
+        return requests.post(f"{self.url}/invocations", data=body, headers={"Content-Type": content_type}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(trained_models, tmp_path_factory):
+    """Register the learned CNN as <name>@champion and serve that URI; stop the server afterwards."""
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", trained_models.tracking_uri)
+        mlflow.set_tracking_uri(trained_models.tracking_uri)
+        try:
+            version = mlflow.register_model(trained_models.model_uri(trained_models.cnn), SERVED_NAME)
+            mlflow.MlflowClient().set_registered_model_alias(SERVED_NAME, "champion", version.version)
+        finally:
+            mlflow.set_tracking_uri(None)
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained_models.tracking_uri}
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", SERVED_URI, "--env-manager", "local",
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve did not answer /ping in {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield Server(url, process, log)
+    finally:
+        # The CLI starts uvicorn as a child: stop the whole process group this fixture created.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def unseen(trained_models) -> pd.DataFrame:
+    """Images no model saw, with their class and file bytes."""
+    rows = [(path, name) for name in CLASS_NAMES for path in trained_models.unseen[name]]
+    return pd.DataFrame({"path": [p for p, _ in rows], "label_name": [n for _, n in rows],
+                         "image": [b64(p.read_bytes()) for p, _ in rows]})
+
+
+@pytest.fixture(scope="module")
+def good_cell(unseen) -> str:
+    return unseen["image"].iloc[-1]
+
+
+def predictions(response: requests.Response) -> pd.DataFrame:
+    assert response.status_code == 200, response.text[:2000]
+    frame = pd.DataFrame(response.json()["predictions"])
+    assert list(frame.columns) == ["label", "probability", "threshold"]
+    return frame
+
+
+def test_http_split_and_records_match_pyfunc_and_predict_command(server, unseen, models_store, tmp_path):
+    over_split = predictions(server.invoke(split_body(list(unseen["image"]))))
+    over_records = predictions(server.invoke(records_body(list(unseen["image"]))))
+    in_process = mlflow.pyfunc.load_model(SERVED_URI).predict(unseen[["image"]])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in unseen["path"]:
+        (folder / path.name).symlink_to(path)
+    csv = tmp_path / "out" / "predictions.csv"
+    assert predict.main([str(folder), "--model-uri", SERVED_URI, "--output", str(csv)]) == 0
+    from_command = pd.read_csv(csv, keep_default_na=False).set_index("file").loc[[str(folder / p.name) for p in unseen["path"]]]
+
+    assert list(from_command.columns) == ["label", "probability", "threshold", "error"]
+    assert (from_command["error"] == "").all()
+    for other in (over_records, in_process, from_command.reset_index()):
+        np.testing.assert_allclose(over_split["probability"], other["probability"], rtol=0, atol=1e-6)
+        assert list(over_split["label"]) == list(other["label"])
+        assert np.allclose(over_split["threshold"], other["threshold"])
+    assert (over_split["label"] == np.where(over_split["probability"] >= over_split["threshold"], "PNEUMONIA", "NORMAL")).all()
+
+
+def test_images_from_pneumonia_come_back_pneumonia(server, unseen):
+    served = predictions(server.invoke(split_body(list(unseen["image"]))))
+    truth = (unseen["label_name"] == "PNEUMONIA").to_numpy()
+    # The model learned (unseen images ranked well) and probability means pneumonia: a swapped
+    # label contract would rank them backwards and label pneumonia NORMAL.
+    assert roc_auc_score(truth, served["probability"]) >= 0.75
+    assert (served.loc[truth, "label"] == "PNEUMONIA").all()
+    assert (served.loc[~truth, "label"] == "NORMAL").any()
+
+
+def test_other_formats_are_predicted_like_the_reference(server, unseen):
+    gray = xf.gray_pixels(unseen["path"].iloc[-1])
+    variants = {
+        "rgba_png": xf.rgba_png(gray),
+        "png16": xf.png16(gray),
+        "cmyk_jpeg": xf.cmyk_jpeg(gray),
+        "dicom_monochrome1": xf.dicom(gray, "MONOCHROME1", bits_stored=12),
+        "dicom_monochrome2_16bit": xf.dicom(gray, bits_stored=16),
+    }
+    cells = [b64(xf.reference_png(gray))] + [b64(data) for data in variants.values()]
+    served = predictions(server.invoke(split_body(cells)))
+    reference = served["probability"].iloc[0]
+    for (name, _), probability in zip(variants.items(), served["probability"].iloc[1:]):
+        assert probability == pytest.approx(reference, abs=0.03 if name == "cmyk_jpeg" else 1e-5), name
+
+
+def _truncated(unseen) -> bytes:
+    data = unseen["path"].iloc[0].read_bytes()
+    return data[: len(data) // 3]
+
+
+BAD_REQUESTS = {
+    "invalid_base64": (lambda u: split_body(["%%% not base64 %%%"]), ["row 0", "not valid base64"]),
+    "empty_string": (lambda u: split_body([""]), ["row 0", "empty string"]),
+    "null": (lambda u: records_body([None]), ["row 0", "missing (null)"]),
+    "non_image_bytes": (lambda u: split_body([b64(bytes(range(256)) * 8)]), ["row 0", "not a recognised image"]),
+    "truncated_jpeg": (lambda u: split_body([b64(_truncated(u))]), ["row 0", "truncated or corrupt"]),
+    "text_file": (lambda u: records_body([b64(b"patient: 12345\nfindings: none\n" * 20)]), ["row 0", "not a recognised image"]),
+    "one_pixel": (lambda u: split_body([b64(xf.tiny_png(1))]), ["row 0", "1x1 pixels, smaller than 32"]),
+    "decompression_bomb": (lambda u: split_body([b64(xf.png_header_only(100_000, 100_000))]), ["row 0", "image too large"]),
+    "number_not_text": (lambda u: records_body([12345]), ["row 0", "must be base64 text, got int"]),
+    "misnamed_column": (lambda u: {"dataframe_split": {"columns": ["img"], "data": [[u["image"].iloc[0]]]}},
+                        ["missing inputs ['image']", "extra inputs: ['img']"]),
+    "missing_column": (lambda u: {"dataframe_records": [{}]}, ["missing inputs ['image']"]),
+    "malformed_json": (lambda u: '{"dataframe_split": {"columns": ["image"], "data": [["abc"]', ["valid JSON"]),
+    "unknown_format": (lambda u: {"images": [u["image"].iloc[0]]}, ["dataframe_split", "dataframe_records"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, unseen, good_cell, case):
+    make, expected = BAD_REQUESTS[case]
+    response = server.invoke(make(unseen))
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:2000])
+    message = response.json()["message"]
+    for text in expected:
+        assert text in message, message[:2000]
+    assert server.process.poll() is None
+    assert predictions(server.invoke(split_body([good_cell])))["label"].iloc[0] in CLASS_NAMES
+
+
+def test_mixed_batch_names_every_bad_row(server, good_cell):
+    response = server.invoke(records_body([good_cell, "not*base64", good_cell, b64(xf.tiny_png(1))]))
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert "2 of 4 row(s) are not usable images" in message
+    assert "row 1: 'image' is not valid base64" in message and "row 3: image is 1x1 pixels" in message
+    assert "row 0:" not in message and "row 2:" not in message
+
+
+def test_logged_signature_and_input_example_work_over_http(server, models_store, tmp_path):
+    local = Path(mlflow.artifacts.download_artifacts(SERVED_URI, dst_path=str(tmp_path)))
+    model = Model.load(str(local))
+    assert model.signature.inputs.input_names() == [IMAGE_COLUMN]
+    assert model.signature.outputs.input_names() == ["label", "probability", "threshold"]
+    # MLflow's own serving example (a real X-ray) is answered with a class.
+    example = (local / model.saved_input_example_info["serving_input_path"]).read_text()
+    assert predictions(server.invoke(example))["label"].iloc[0] in CLASS_NAMES
+
+
+def test_predict_command_reports_unreadable_files_and_goes_on(models_store, unseen, tmp_path):
+    good = tmp_path / "good.jpeg"
+    good.symlink_to(unseen["path"].iloc[-1])
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    csv = tmp_path / "out.csv"
+    assert predict.main([str(good), str(bad), "--model-uri", SERVED_URI, "--output", str(csv)]) == 1
+    frame = pd.read_csv(csv, keep_default_na=False).set_index("file")
+    assert frame.loc[str(good), "label"] in CLASS_NAMES and frame.loc[str(good), "error"] == ""
+    assert frame.loc[str(bad), "label"] == "" and "not a recognised image" in frame.loc[str(bad), "error"]

@@ -1,0 +1,119 @@
+"""Test inputs in every format the decoder must accept or refuse, made from real X-rays.
+
+Every builder returns file bytes. The accepted formats (RGBA and 16-bit PNG, CMYK JPEG, DICOM
+MONOCHROME1/2 with or without a VOI window) carry the same picture as :func:`reference_png`, so
+a test can require that they decode, and predict, like it.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+# DICOM SOP class "Digital X-Ray Image Storage - For Presentation".
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def gray_pixels(path: Path) -> np.ndarray:
+    """The X-ray as 8-bit grayscale at its stored size, stretched to the full 0..255 range.
+
+    The decoder maps 16-bit and DICOM pixel values onto 0..255 by their range; a picture that
+    already spans it comes back unchanged, so every variant can be compared with the reference.
+    """
+    with Image.open(path) as image:
+        gray = np.asarray(image.convert("L"), dtype=np.float64)
+    return np.round((gray - gray.min()) * 255.0 / (gray.max() - gray.min())).astype(np.uint8)
+
+
+def _save(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def reference_png(gray: np.ndarray) -> bytes:
+    """Lossless 8-bit grayscale PNG: the picture every accepted variant below must match."""
+    return _save(Image.fromarray(gray, mode="L"), "PNG")
+
+
+def rgba_png(gray: np.ndarray, transparent_rows: int = 0) -> bytes:
+    """RGBA PNG, opaque except for the top ``transparent_rows`` rows."""
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    rgba[:transparent_rows, :, 3] = 0
+    return _save(Image.fromarray(rgba, mode="RGBA"), "PNG")
+
+
+def png16(gray: np.ndarray) -> bytes:
+    """16-bit grayscale PNG spanning the full 0..65535 range (each 8-bit level times 257)."""
+    return _save(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
+
+
+def cmyk_jpeg(gray: np.ndarray) -> bytes:
+    """CMYK JPEG (as print and some PACS exports write them)."""
+    return _save(Image.fromarray(gray, mode="L").convert("RGB").convert("CMYK"), "JPEG", quality=95)
+
+
+def dicom(
+    gray: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    window: tuple[float, float] | None = None,
+) -> bytes:
+    """A DX DICOM file (explicit VR little endian) written with pydicom's Dataset writer.
+
+    The 8-bit picture is scaled to ``bits_stored`` bits; for MONOCHROME1 it is stored inverted
+    (low values display white), as CR/DX devices do.
+
+    Args:
+        gray: The picture, 8-bit.
+        photometric: ``MONOCHROME1`` or ``MONOCHROME2``.
+        bits_stored: 8 (stored in 8-bit words) or up to 16 (16-bit words).
+        window: Optional ``(center, width)`` VOI window, in stored values.
+    """
+    top = (1 << bits_stored) - 1
+    values = np.round(gray.astype(np.float64) * top / 255.0)
+    if photometric == "MONOCHROME1":
+        values = top - values
+    values = values.astype(np.uint8 if bits_stored <= 8 else np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = DX_FOR_PRESENTATION
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "DX"
+    dataset.PatientID = "TEST"
+    dataset.set_pixel_data(values, photometric_interpretation=photometric, bits_stored=bits_stored)
+    if window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = window
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but whose pixel data is a few bytes.
+
+    Decoding its pixels would fail (or, for a real bomb, exhaust memory); only a decoder that
+    checks the size first refuses it with a size message.
+    """
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def tiny_png(side: int = 1) -> bytes:
+    """A valid ``side`` x ``side`` PNG."""
+    return _save(Image.new("L", (side, side), 128), "PNG")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -268,9 +269,21 @@ def flatten(*configs: Any) -> dict[str, Any]:
     return merged
 
 
-def to_json(**configs: Any) -> str:
-    """Serialise named dataclass instances as JSON, e.g. ``to_json(data=d, train=t)``."""
-    return json.dumps({name: dataclasses.asdict(c) for name, c in configs.items()}, indent=2)
+def json_text(payload: Any) -> str:
+    """Strict JSON text: NaN and infinities (undefined ratios) become ``null``, numpy scalars plain numbers."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+            value = value.item()  # numpy scalar
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return json.dumps(clean(payload), indent=2, allow_nan=False)
 
 
 def replace_fields(config: Any, **changes: Any) -> Any:
@@ -293,5 +306,5 @@ __all__ = [
     "flatten",
     "parse_configs",
     "replace_fields",
-    "to_json",
+    "json_text",
 ]

@@ -29,6 +29,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 from pneumo import CLASS_NAMES
+from pneumo.config import json_text
 from pneumo.preprocessing import ImageError, decode_image
 
 IMAGE_COLUMN = "image"
@@ -245,7 +246,7 @@ def log_model(keras_path: str | Path, model_config: dict, example_file: str | Pa
     """
     with tempfile.TemporaryDirectory() as folder:
         config_path = Path(folder) / "model_config.json"
-        config_path.write_text(json.dumps(model_config, indent=2, default=float))
+        config_path.write_text(json_text(model_config))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),

@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pneumo import data as data_lib
-from pneumo.config import DataConfig, flatten
+from pneumo.config import DataConfig, flatten, json_text
 from pneumo.evaluation import plot_class_distribution
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def log_figure(figure: plt.Figure, artifact_file: str) -> None:
 
 def log_json(payload: Any, artifact_file: str) -> None:
     """Log a JSON-serialisable object as an artifact."""
-    mlflow.log_text(json.dumps(payload, indent=2, default=float), artifact_file)
+    mlflow.log_text(json_text(payload), artifact_file)
 
 
 def log_dataframe(frame: pd.DataFrame, artifact_file: str) -> None:

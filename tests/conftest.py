@@ -40,7 +40,10 @@ def tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     experiment_id = mlflow.create_experiment("pneumo-test", artifact_location=(tmp_path / "artifacts").as_uri())
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pneumo-test")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_experiment(experiment_id=experiment_id)
+    # set_experiment exports MLFLOW_EXPERIMENT_ID; register it so teardown removes it again.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     yield uri
     mlflow.set_tracking_uri(None)
 

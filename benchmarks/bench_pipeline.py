@@ -7,7 +7,7 @@ Times, on the real training images at the default aug_cnn settings:
 Reports images per second and the ratios: pipeline/model throughput (above 1: the pipeline keeps up)
 and together/model-alone time (the pipeline's overhead on training).
 
-    python benchmarks/bench_pipeline.py [--steps 40] [--data_dir ../shared/data/chest_xray]
+    python benchmarks/bench_pipeline.py [--steps 40] [--precision float32] [--data_dir ../shared/data/chest_xray]
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def main() -> None:
     parser.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--cache_dir", default="outputs/cache")
+    parser.add_argument("--precision", default="auto", help="auto, float32 or mixed_bfloat16")
     args = parser.parse_args()
-    data, train = DataConfig(data_dir=args.data_dir, cache_dir=args.cache_dir), TrainConfig()
+    data, train = DataConfig(data_dir=args.data_dir, cache_dir=args.cache_dir), TrainConfig(precision=args.precision)
     policy = set_precision(train.precision)
     data_dir = data_lib.resolve_data_dir(data.data_dir)
     found = data_lib.discover(data_dir)

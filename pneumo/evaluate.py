@@ -71,18 +71,6 @@ def predict_split(trained: serving.TrainedModel, frame: pd.DataFrame, data_dir: 
     return images, serving.predict_probabilities(trained.model, images.images)
 
 
-def threshold_free_and_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float, prefix: str) -> dict[str, float]:
-    """Metrics named like training's: ``<prefix>_roc_auc``, ``<prefix>_<m>_at_threshold``, ``..._at_0.5``."""
-    metrics: dict[str, float] = {}
-    for suffix, value in (("threshold", threshold), ("0.5", 0.5)):
-        for name, number in ev.binary_metrics(labels, probabilities, value).items():
-            if name in ("roc_auc", "pr_auc", "brier"):
-                metrics[f"{prefix}_{name}"] = number
-            else:
-                metrics[f"{prefix}_{name}_at_{suffix}"] = number
-    return metrics
-
-
 def plot_roc(labels: np.ndarray, probabilities: np.ndarray, threshold: float, name: str, title: str) -> plt.Figure:
     """ROC curve (scikit-learn's display) with the operating threshold and 0.5 marked."""
     figure, axis = plt.subplots(figsize=(5.2, 5.0))
@@ -368,7 +356,7 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
                 "that could be decoded; ROC and precision-recall need both classes"
             )
         split = config.split
-        metrics = threshold_free_and_at(labels, probabilities, threshold, split)
+        metrics = ev.metrics_at_thresholds(labels, probabilities, threshold, split)
         metrics.update({"threshold": threshold, f"n_{split}_images": len(labels), "n_skipped_images": len(frame) - len(labels)})
         overlap = _training_overlap(trained.run_id, images.frame)
         if overlap is not None:

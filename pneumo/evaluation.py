@@ -76,6 +76,22 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
+def metrics_at_thresholds(labels: np.ndarray, probabilities: np.ndarray, threshold: float, prefix: str) -> dict[str, float]:
+    """Metrics of one split at the operating threshold and at 0.5, named for MLflow.
+
+    Threshold-free figures appear once (``<prefix>_roc_auc``, ``_pr_auc``, ``_brier``); the others
+    twice, as ``<prefix>_<metric>_at_threshold`` and ``<prefix>_<metric>_at_0.5``.
+    """
+    metrics: dict[str, float] = {}
+    for suffix, value in (("threshold", threshold), ("0.5", 0.5)):
+        for name, number in binary_metrics(labels, probabilities, value).items():
+            if name in ("roc_auc", "pr_auc", "brier"):
+                metrics[f"{prefix}_{name}"] = number
+            else:
+                metrics[f"{prefix}_{name}_at_{suffix}"] = number
+    return metrics
+
+
 def confusion_counts(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
     """Confusion matrix as a JSON-ready dict with class names and the threshold."""
     predicted = (np.asarray(probabilities) >= threshold).astype(int)

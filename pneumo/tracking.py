@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +16,7 @@ from typing import Any, Iterator
 import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pneumo import data as data_lib
@@ -95,7 +97,15 @@ def log_manifest_input(manifest: pd.DataFrame, data_dir: Path, context: str) -> 
         dataset = mlflow.data.from_pandas(
             manifest, source=str(data_dir), targets="label", name="chest_xray_manifest", digest=manifest_digest(manifest)
         )
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        # Two runs (e.g. parallel tune workers) registering the same new dataset at once: the
+        # loser hits the store's unique key; the dataset now exists, and a retry links to it.
+        if "UNIQUE" not in str(error).upper():
+            raise
+        time.sleep(0.5)
+        mlflow.log_input(dataset, context=context)
 
 
 def prepare_manifest(config: DataConfig, context: str = "prepare") -> tuple[pd.DataFrame, Path]:

@@ -169,15 +169,7 @@ def evaluate_validation(model: keras.Model, val_set: pipeline.ImageSet, target_s
     """Predict the validation split, pick the threshold, and compute metrics at 0.5 and at it."""
     probabilities = serving.predict_probabilities(model, val_set.images)
     threshold = ev.threshold_for_sensitivity(val_set.labels, probabilities, target_sensitivity)
-    metrics = {
-        **{f"val_{k}_at_0.5": v for k, v in ev.binary_metrics(val_set.labels, probabilities, 0.5).items()},
-        **{f"val_{k}_at_threshold": v for k, v in ev.binary_metrics(val_set.labels, probabilities, threshold).items()},
-    }
-    metrics["val_roc_auc"] = metrics.pop("val_roc_auc_at_0.5")
-    metrics["val_pr_auc"] = metrics.pop("val_pr_auc_at_0.5")
-    for key in ("val_roc_auc_at_threshold", "val_pr_auc_at_threshold", "val_brier_at_threshold"):
-        metrics.pop(key)
-    metrics["val_brier"] = metrics.pop("val_brier_at_0.5")
+    metrics = ev.metrics_at_thresholds(val_set.labels, probabilities, threshold, "val")
     metrics["threshold"] = threshold
     return probabilities, threshold, metrics
 

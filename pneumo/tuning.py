@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -216,11 +217,22 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         # Parallel workers on one SQLite file wait for its lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 60}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S
-        )
+
+    def create() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=_HEARTBEAT_S, grace_period=_GRACE_S
+            )
+
+    for attempt in range(4):
+        try:
+            return create()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            # Workers started together on a new database race to create its schema; the loser
+            # finds it created on a later attempt.
+            time.sleep(0.5 * (attempt + 1))
+    return create()
 
 
 def masked(url: str) -> str:

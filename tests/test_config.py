@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO
 from pneumo.cli import ENTRY_POINTS, _function, render_mlproject
 from pneumo.config import (
-    CVConfig, DataConfig, DenseConfig, TrainConfig, build_parser, flatten, parse_configs, replace_fields, to_json,
+    CVConfig, DataConfig, DenseConfig, TrainConfig, build_parser, flatten, json_text, parse_configs, replace_fields,
 )
 
 CORE = ("prepare", "baseline", "cv", "cnn")
@@ -103,7 +103,8 @@ def test_flatten_json_and_replace():
     data, cv = DataConfig(seed=3), CVConfig(folds=4)
     flat = flatten(data, cv)
     assert flat["seed"] == 3 and flat["folds"] == 4 and len(flat) == len(dataclasses.fields(DataConfig)) + 2
-    assert json.loads(to_json(data=data, cv=cv))["cv"] == {"folds": 4, "l2": 0.01}
+    assert json.loads(json_text({"cv": dataclasses.asdict(cv), "bad": float("nan")})) == {
+        "cv": {"folds": 4, "l2": 0.01}, "bad": None}
     changed = replace_fields(cv, folds=7, not_a_field=1)
     assert changed.folds == 7 and cv.folds == 4
 

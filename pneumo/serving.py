@@ -38,8 +38,12 @@ CONFIG_ARTIFACT = "model_config"
 OUTPUT_COLUMNS = ("label", "probability", "threshold")
 INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN)])
 OUTPUT_SCHEMA = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")])
-# Packages the served model imports, pinned to the versions it was trained with.
-_REQUIREMENTS = ("tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "pydicom", "scikit-learn", "imbalanced-learn", "matplotlib", "mlflow")
+# Packages the served model imports, pinned to the versions it was trained with; only the
+# installed TensorFlow distribution (GPU "tensorflow" or "tensorflow-cpu") is pinned.
+_REQUIREMENTS = (
+    "tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "pydicom", "scikit-learn",
+    "imbalanced-learn", "matplotlib", "mlflow",
+)
 # Images per forward pass: bounds the float32 activations of one call, whatever the request size.
 _CHUNK = 64
 # Bad rows listed in one error message; a client sending thousands of bad rows needs only a sample.
@@ -188,7 +192,6 @@ class TrainedModel:
     @property
     def threshold(self) -> float:
         return float(self.config["threshold"])
-
 
 
 def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedModel:

@@ -78,14 +78,16 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
 
 def test_resnet_trains_head_on_cached_features(repo, tracking, small_data):
     params = {"data_dir": str(small_data), "cache_dir": "", "image_size": 32, "epochs": EPOCHS, "batch_size": 16,
-              "weights": "none", "seed": 3}
+              "weights": "none", "seed": 3, "fine_tune_epochs": 1}
     run_id = _project_run(repo, "resnet", params)
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.data.params["weights"] == "none"
     assert run.data.tags["pneumo.entry_point"] == "resnet"
     assert run.data.metrics["feature_extraction_seconds"] > 0
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == list(range(EPOCHS))
+    # Head epochs, then the fine-tuning epoch continuing the same curves.
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == list(range(EPOCHS + 1))
+    assert run.data.metrics["head_epochs_run"] == EPOCHS and run.data.metrics["fine_tune_epochs_run"] == 1
     artifacts = _artifacts(client, run_id)
     assert {"plots/training_curves.png", "plots/confusion_matrix_val_threshold.png", "threshold.json"} <= artifacts
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
@@ -105,6 +107,24 @@ def test_resnet_imagenet_offline_fails_with_a_clear_message(repo, tracking, smal
     )
     assert result.returncode != 0
     assert "weights=none" in result.stderr and "ImageNet weights" in result.stderr
+
+
+def test_fine_tuning_unfreezes_only_the_last_block_without_batchnorm():
+    import keras
+
+    from pneumo.config import ResNetConfig
+    from pneumo.models import build_resnet_base, build_resnet_head, stack_resnet, unfreeze_top_block
+
+    base = build_resnet_base(32, 1, "none")
+    model = stack_resnet(base, build_resnet_head(base.output.shape[1:], ResNetConfig()))
+    head_weights = len(model.trainable_weights)  # the base is frozen: only the head trains
+    unfrozen = unfreeze_top_block(model)
+    backbone = next(layer for layer in base.layers if isinstance(layer, keras.Model))
+    trainable = [layer for layer in backbone.layers if layer.trainable and layer.weights]
+    assert unfrozen > 0 and trainable
+    assert all(layer.name.startswith("conv5_") for layer in trainable)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    assert len(model.trainable_weights) > head_weights
 
 
 def _cached_set(n_normal: int, n_pneumonia: int) -> ImageSet:

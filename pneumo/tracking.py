@@ -97,15 +97,15 @@ def log_manifest_input(manifest: pd.DataFrame, data_dir: Path, context: str) -> 
         dataset = mlflow.data.from_pandas(
             manifest, source=str(data_dir), targets="label", name="chest_xray_manifest", digest=manifest_digest(manifest)
         )
-    try:
-        mlflow.log_input(dataset, context=context)
-    except MlflowException as error:
-        # Two runs (e.g. parallel tune workers) registering the same new dataset at once: the
-        # loser hits the store's unique key; the dataset now exists, and a retry links to it.
-        if "UNIQUE" not in str(error).upper():
-            raise
-        time.sleep(0.5)
-        mlflow.log_input(dataset, context=context)
+        try:  # the schema is inferred lazily, here, hence inside the filter
+            mlflow.log_input(dataset, context=context)
+        except MlflowException as error:
+            # Two runs (e.g. parallel tune workers) registering the same new dataset at once: the
+            # loser hits the store's unique key; the dataset now exists, and a retry links to it.
+            if "UNIQUE" not in str(error).upper():
+                raise
+            time.sleep(0.5)
+            mlflow.log_input(dataset, context=context)
 
 
 def prepare_manifest(config: DataConfig, context: str = "prepare") -> tuple[pd.DataFrame, Path]:

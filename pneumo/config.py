@@ -24,7 +24,8 @@ class DataConfig:
     # Folder in the Kaggle layout {train,val,test}/{NORMAL,PNEUMONIA}. Empty: $PNEUMO_DATA_DIR,
     # then ./data/chest_xray, then a kagglehub download.
     data_dir: str = ""
-    # Split manifest: a CSV path or the run id of a `prepare` run. Empty: prepare one now.
+    # Split manifest: a CSV path, or the id of a run that logged one (prepare, training,
+    # evaluate). Empty: prepare one now.
     manifest: str = ""
     # Side of the square model input in pixels; the notebook's 64 threw away detail.
     image_size: int = 128

@@ -153,8 +153,9 @@ def _manifest_from_run(run_id: str) -> tuple[pd.DataFrame, dict]:
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as folder:
         csv_path = client.download_artifacts(run_id, MANIFEST_ARTIFACT, folder)
-        meta_path = client.download_artifacts(run_id, MANIFEST_META_ARTIFACT, folder)
-        return data_lib.read_manifest(csv_path), json.loads(Path(meta_path).read_text())
+        has_meta = any(a.path == MANIFEST_META_ARTIFACT for a in client.list_artifacts(run_id))
+        meta = json.loads(Path(client.download_artifacts(run_id, MANIFEST_META_ARTIFACT, folder)).read_text()) if has_meta else {}
+        return data_lib.read_manifest(csv_path), meta
 
 
 def resolve_manifest(config: DataConfig, context: str = "training") -> tuple[pd.DataFrame, Path]:
@@ -187,5 +188,7 @@ def resolve_manifest(config: DataConfig, context: str = "training") -> tuple[pd.
             ) from error
     data_dir = data_lib.resolve_data_dir(config.data_dir or meta.get("data_dir", ""))
     log_dataframe(manifest, MANIFEST_ARTIFACT)
+    # With its meta file, this run's id can be passed as `manifest` to later runs too.
+    log_json({**meta, "data_dir": str(data_dir), "digest": manifest_digest(manifest)}, MANIFEST_META_ARTIFACT)
     log_manifest_input(manifest, data_dir, context=context)
     return manifest, data_dir

@@ -43,7 +43,8 @@ PER_EPOCH = ("loss", "accuracy", "auc", "precision", "recall",
 TRAINING_ARTIFACTS = ("plots/training_curves.png", "plots/confusion_matrix_val_threshold.png",
                       "plots/confusion_matrix_val_0.5.png", "confusion_matrix_val.json", "manifest.csv",
                       "threshold.json", "val_predictions.csv")
-PREPARE_ONLY = ("manifest_meta.json", "rejected_files.csv", "plots/class_distribution.png")
+# Written only when a run discovers the images itself; every run logs manifest.csv and manifest_meta.json.
+PREPARE_ONLY = ("rejected_files.csv", "plots/class_distribution.png")
 
 
 def _tree_state(root: Path) -> dict[str, tuple]:
@@ -170,7 +171,7 @@ def test_prepare_logs_manifest_report_plot_and_dataset(store, prepare_run, small
     assert run.info.status == "FINISHED"
     _assert_standard_tags(run, "prepare")
     _assert_params(run, "prepare", {"data_dir": str(small_data), "cache_dir": "", "seed": 7})
-    assert set(PREPARE_ONLY) | {"manifest.csv"} <= _artifacts(client, run.info.run_id)
+    assert set(PREPARE_ONLY) | {"manifest.csv", "manifest_meta.json"} <= _artifacts(client, run.info.run_id)
 
     manifest = pd.read_csv(_read_artifact(client, run.info.run_id, "manifest.csv", tmp_path), dtype={"patient_id": str})
     folders = manifest["path"].str.split("/").str[1]
@@ -283,9 +284,12 @@ def _assert_served_model(run_id: str, data_dir: Path, predictions: pd.DataFrame,
 def test_baseline_reuses_the_prepare_run_manifest(store, training_runs, prepare_run, small_data, tmp_path):
     run = training_runs["baseline"]
     outcome = _assert_training_run(store, run.run_id, "baseline", run.parameters, tmp_path)
-    # No re-discovery: no report, no meta, no plot of its own; the very manifest prepare wrote.
+    # No re-discovery: no report, no plot of its own; the very manifest prepare wrote, and a meta
+    # file pointing at the same data folder (so this run's id can serve as a manifest too).
     artifacts = _artifacts(store.client, run.run_id)
     assert not set(PREPARE_ONLY) & artifacts and "n_rejected" not in outcome["run"].data.metrics
+    meta = json.loads(_read_artifact(store.client, run.run_id, "manifest_meta.json", tmp_path / "meta").read_text())
+    assert meta["data_dir"] == str(small_data.resolve())
     prepared = _read_artifact(store.client, prepare_run.run_id, "manifest.csv", tmp_path / "prepare")
     assert _read_artifact(store.client, run.run_id, "manifest.csv", tmp_path / "own").read_bytes() == prepared.read_bytes()
     assert _dataset_input(outcome["run"]).digest == _dataset_input(store.client.get_run(prepare_run.run_id)).digest

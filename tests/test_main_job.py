@@ -71,6 +71,13 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     assert list(out.columns) == ["label", "probability", "threshold"]
     assert out["probability"].between(0, 1).all()
     assert (out["threshold"] == threshold["threshold"]).all()
+    # Any training run's id works as the manifest of a later run (same images, same data folder).
+    from pneumo.config import DataConfig
+    from pneumo.tracking import resolve_manifest
+
+    with mlflow.start_run():
+        manifest, data_dir = resolve_manifest(DataConfig(manifest=run_id))
+    assert data_dir == small_data.resolve() and len(manifest) == int(run.data.metrics["n_train_images"] + run.data.metrics["n_val_images"])
     config = json.loads(open(client.download_artifacts(run_id, "model/artifacts/model_config.json")).read())
     assert config["image_size"] == 64 and config["channels"] == 1
     assert config["config"]["augment"]["rotation"] == 12.0

@@ -167,3 +167,21 @@ def test_augmentation_only_in_training():
     assert predict_probabilities(model, image)[0] == predict_probabilities(model, image)[0]
     # A built (and hence saved) model contains no augmentation layer at all.
     assert not any(layer.name.startswith("random") for layer in model.layers)
+
+
+def test_precision_policy_follows_the_hardware(monkeypatch):
+    import keras
+
+    from pneumo import training
+
+    try:
+        monkeypatch.setattr(training, "bf16_supported", lambda: False)
+        assert training.set_precision("auto") == "float32"
+        monkeypatch.setattr(training, "bf16_supported", lambda: True)
+        assert training.set_precision("auto") == "mixed_bfloat16"
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        assert training.set_precision("float32") == "float32"
+        with pytest.raises(ValueError, match="precision"):
+            training.set_precision("float16")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

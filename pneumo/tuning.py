@@ -459,17 +459,19 @@ def log_study_summary(study: optuna.Study, tune: TuneConfig) -> FrozenTrial | No
 
 
 def retrain(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig, tune: TuneConfig,
-            best: FrozenTrial, parent_run_id: str) -> str:
+            best: FrozenTrial, parent_run_id: str, manifest_logged: bool) -> str:
     """Train ``aug_cnn`` with the best parameters in a nested run logged like an ``aug_cnn`` run.
 
     The nested run carries the effective configuration as its params, so its params describe
-    its model (the parent's params are the search's base configuration). It resolves and logs
-    the manifest itself, as ``aug_cnn`` does.
+    its model (the parent's params are the search's base configuration). It logs the manifest
+    it trains on, as ``aug_cnn`` does: the parent's (the trials') when ``manifest_logged``.
 
     Returns:
         The nested run's id; its model is ``runs:/<id>/model``.
     """
     train_b, augment_b, cnn_b = trial_configs(train, augment, cnn, tune, best.params)
+    if manifest_logged:  # the parent logged the trials' manifest: reuse it, no second discovery
+        data = replace_fields(data, manifest=parent_run_id)
     with tracking.start_run("aug_cnn", data, train_b, augment_b, cnn_b, nested=True,
                             run_name=f"best-trial-{best.number}") as run:
         mlflow.set_tags({STUDY_TAG: tune.study_name, NUMBER_TAG: str(best.number), "pneumo.tuned_by": parent_run_id})
@@ -529,7 +531,7 @@ def run_tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: 
             note += f"best value {best.value:.4f} in trial {best.number} with " + json.dumps(
                 {k: round(v, 6) if isinstance(v, float) else v for k, v in best.params.items()})
             if tune.retrain_best:
-                run_id = retrain(data, train, augment, cnn, tune, best, parent.info.run_id)
+                run_id = retrain(data, train, augment, cnn, tune, best, parent.info.run_id, runner is not None)
                 mlflow.set_tag("pneumo.best_model_uri", f"runs:/{run_id}/model")
                 note += f" Retrained model: runs:/{run_id}/model."
         mlflow.set_tag("mlflow.note.content", note)

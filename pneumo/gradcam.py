@@ -5,10 +5,10 @@ gradient of the class score with respect to it, sums the channels and keeps the 
 The class score is the logit (the output layer's sigmoid is bypassed while computing it), because
 the sigmoid's gradient vanishes exactly for the confident mistakes a reviewer most wants explained.
 
-The target is the last convolutional stage of the top-level graph: the last ``Conv2D`` together
-with the batch normalisation and activation applied directly to it (``aug_cnn``, the notebook
-``cnn``), or a nested backbone such as ResNet50 taken as a whole (its output is its last conv
-block). Nested backbones are why the features are obtained by running the top-level layers one
+The target is the last convolutional stage of the top-level graph with a grid fine enough to
+read (see :func:`target_layer`): a ``Conv2D`` together with the batch normalisation and
+activation applied directly to it (``aug_cnn``, the notebook ``cnn``), or a nested backbone such
+as ResNet50 taken as a whole (its output is its last conv block). Nested backbones are why the features are obtained by running the top-level layers one
 after another instead of by a sub-model on an inner layer's output: an inner layer of a nested
 model is not connected to the outer model's inputs. Models without a convolution (the dense
 baseline) have no spatial feature map, hence no Grad-CAM.
@@ -28,6 +28,10 @@ _CONV_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.D
 _POINTWISE_TYPES = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation, keras.layers.LeakyReLU)
 
 
+# Coarsest feature grid worth showing a radiologist (ResNet50's last block gives 7x7 at 224 px).
+MIN_GRID = 7
+
+
 class GradCamUnavailable(ValueError):
     """Raised when a model has no convolutional feature map to explain; the message says why."""
 
@@ -43,28 +47,39 @@ def _is_spatial(layer: keras.layers.Layer) -> bool:
     return len(shape) == 4
 
 
+def _grid(layer: keras.layers.Layer) -> int:
+    shape = layer.output.shape if not isinstance(layer, keras.Model) else layer.outputs[0].shape
+    return int(min(shape[1], shape[2]))
+
+
 def target_layer(model: keras.Model) -> keras.layers.Layer:
     """The top-level layer whose output Grad-CAM explains.
+
+    The last convolutional stage is the most semantic, but in a small network it can be too coarse
+    to read: aug_cnn's sees a 4x4 grid at 128 px, a sixteenth of the chest per cell, which cannot
+    tell a lobe from the heart. So the last stage whose grid is at least :data:`MIN_GRID` cells on
+    a side is used, and the last stage of all only when none is that fine.
 
     Args:
         model: A functional Keras model whose top level is a chain of layers.
 
     Returns:
-        The last convolution (extended through the batch norm and activation directly after it),
-        or the last nested model that contains convolutions and outputs a feature map.
+        A convolution (extended through the batch norm and activation directly after it), or a
+        nested model that contains convolutions and outputs a feature map.
 
     Raises:
         GradCamUnavailable: The model has no convolutional layer.
     """
-    target = None
+    stages: list[keras.layers.Layer] = []
     for layer in model.layers:
         if isinstance(layer, _CONV_TYPES) or (isinstance(layer, keras.Model) and _contains_conv(layer) and _is_spatial(layer)):
-            target = layer
-        elif target is not None and isinstance(layer, _POINTWISE_TYPES) and _follows(layer, target):
-            target = layer
-    if target is None:
+            stages.append(layer)
+        elif stages and isinstance(layer, _POINTWISE_TYPES) and _follows(layer, stages[-1]):
+            stages[-1] = layer
+    if not stages:
         raise GradCamUnavailable(f"model '{model.name}' has no convolutional layer, so Grad-CAM has no feature map to use")
-    return target
+    fine = [layer for layer in stages if _grid(layer) >= MIN_GRID]
+    return fine[-1] if fine else stages[-1]
 
 
 def _follows(layer: keras.layers.Layer, previous: keras.layers.Layer) -> bool:

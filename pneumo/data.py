@@ -58,6 +58,25 @@ def patient_id(file_name: str) -> str:
     return stem
 
 
+def patient_key(frame: pd.DataFrame) -> pd.Series:
+    """The patient of each row: its patient id qualified by the id space of its source folder.
+
+    The dataset numbers the patients of ``train/`` and ``test/`` separately: 87 ids such as
+    ``person102`` name one child in train and another in test, so an id names a patient only within
+    its source split. Kaggle's ``val/`` folder was cut from the original training images and shares
+    their ids, so it belongs to the train id space (merging two children would be harmless; splitting
+    one across train and validation would leak).
+
+    Args:
+        frame: Rows with ``path`` (relative, ``<source split>/<class>/<file>``) and ``patient_id``.
+
+    Returns:
+        ``"train/<id>"`` or ``"test/<id>"`` per row, aligned with ``frame``.
+    """
+    source = frame["path"].str.split("/", n=1).str[0]
+    return source.where(source == "test", "train") + "/" + frame["patient_id"].astype(str)
+
+
 def download_dataset() -> Path:
     """Download the Kaggle dataset with kagglehub and return its folder holding ``train/``.
 
@@ -188,10 +207,10 @@ def discover(data_dir: Path, workers: int = 4) -> Discovery:
 
 
 def grouped_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
-    """Pick validation rows, stratified by class and grouped by patient.
+    """Pick validation rows, stratified by class and grouped by patient (see :func:`patient_key`).
 
     Args:
-        frame: Rows with ``label`` and ``patient_id``.
+        frame: Rows with ``label``, ``path`` and ``patient_id``.
         val_fraction: Wanted fraction of rows in validation (0 < f < 1).
         seed: Seed of the fold assignment.
 
@@ -201,29 +220,31 @@ def grouped_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> np.nda
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     n_splits = max(2, round(1.0 / val_fraction))
-    if frame["patient_id"].nunique() < n_splits:
-        raise DataError(f"too few patients ({frame['patient_id'].nunique()}) for val_fraction={val_fraction}")
+    patients = patient_key(frame)
+    if patients.nunique() < n_splits:
+        raise DataError(f"too few patients ({patients.nunique()}) for val_fraction={val_fraction}")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, val_index = next(splitter.split(frame, frame["label"], groups=frame["patient_id"]))
+    _, val_index = next(splitter.split(frame, frame["label"], groups=patients))
     mask = np.zeros(len(frame), dtype=bool)
     mask[val_index] = True
     return mask
 
 
 def _limit_per_class(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
-    """Keep at most ``limit`` images per (split, class), taking whole patients in random order."""
+    """Keep at most ``limit`` images per (split, class), taking whole patients (:func:`patient_key`) in random order."""
     rng = np.random.default_rng(seed)
     kept = []
     for _, part in frame.groupby(["split", "label"], sort=True):
-        patients = rng.permutation(np.asarray(part["patient_id"].unique(), dtype=object))
-        counts = part.groupby("patient_id").size()
+        keys = patient_key(part)
+        patients = rng.permutation(np.asarray(keys.unique(), dtype=object))
+        counts = keys.value_counts()
         chosen, total = [], 0
         for patient in patients:
             if total >= limit:
                 break
             chosen.append(patient)
             total += counts[patient]
-        kept.append(part[part["patient_id"].isin(chosen)])
+        kept.append(part[keys.isin(chosen)])
     return pd.concat(kept).sort_values("path").reset_index(drop=True)
 
 

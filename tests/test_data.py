@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import SHARED_DATA
 from pneumo import CLASS_NAMES
 from pneumo.data import (
-    MANIFEST_COLUMNS, DataError, build_manifest, discover, grouped_split, patient_id, read_manifest,
+    MANIFEST_COLUMNS, DataError, build_manifest, discover, grouped_split, patient_id, patient_key, read_manifest,
     resolve_data_dir, split_frame,
 )
 from pneumo.preprocessing import ImageError, decode_file, decode_image
@@ -251,7 +251,7 @@ def test_resolve_data_dir_uses_the_environment_variable(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def real_images() -> pd.DataFrame:
-    """Discovery of all 5,216 real training images (once per module)."""
+    """Discovery of all real images, train and test (once per module)."""
     found = discover(SHARED_DATA)
     assert found.rejected.empty, found.rejected.head()
     return found.images
@@ -263,9 +263,10 @@ def real_manifest(real_images) -> pd.DataFrame:
 
 
 def test_real_data_is_fully_discovered_with_folder_labels(real_images):
-    assert len(real_images) == 5216
-    counts = real_images.groupby("label_name").size().to_dict()
-    assert counts == {"NORMAL": 1341, "PNEUMONIA": 3875}
+    counts = real_images.groupby(["source_split", "label_name"]).size().to_dict()
+    assert counts == {("train", "NORMAL"): 1341, ("train", "PNEUMONIA"): 3875,
+                      ("test", "NORMAL"): 117, ("test", "PNEUMONIA"): 194}
+    assert len(real_images) == 5216 + 311
     folder = real_images["path"].str.split("/").str[1]
     assert (folder == real_images["label_name"]).all()
     assert (real_images["label"] == (folder == "PNEUMONIA").astype(int)).all()
@@ -273,27 +274,40 @@ def test_real_data_is_fully_discovered_with_folder_labels(real_images):
     # within one patient, so grouping by patient also keeps every copy on one side.
     copies = real_images[real_images["sha256"].duplicated(keep=False)]
     assert len(copies) > 0
-    assert (copies.groupby("sha256")["patient_id"].nunique() == 1).all()
+    assert (copies.assign(patient=patient_key(copies)).groupby("sha256")["patient"].nunique() == 1).all()
+
+
+def test_patient_ids_name_a_patient_within_their_source_split(real_images):
+    # Train and test are numbered separately: the same id in both is two children.
+    source = real_images["path"].str.split("/").str[0]
+    shared = set(real_images.loc[source == "train", "patient_id"]) & set(real_images.loc[source == "test", "patient_id"])
+    assert len(shared) == 87 and "person102" in shared
+    keys = patient_key(real_images)
+    assert keys.nunique() == real_images.groupby([source, real_images["patient_id"]]).ngroups
+    row = real_images.assign(path=["val/NORMAL/x.jpeg"] + list(real_images["path"][1:])).iloc[[0]]
+    assert patient_key(row).iloc[0].startswith("train/"), "Kaggle's val folder shares train's ids"
 
 
 def test_grouped_split_on_real_data_keeps_patients_on_one_side(real_manifest):
     manifest = real_manifest
     assert list(manifest.columns) == MANIFEST_COLUMNS
-    assert set(manifest["split"]) == {"train", "val"}  # no test folder in the shared copy
-    sides = manifest.groupby("patient_id")["split"].nunique()
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    # The official test folder stays test, whole, and nothing else joins it.
+    assert (manifest["path"].str.startswith("test/") == (manifest["split"] == "test")).all()
+    sides = manifest.groupby(patient_key(manifest))["split"].nunique()
     assert (sides == 1).all(), f"patients on two sides: {list(sides[sides > 1].index[:5])}"
     assert (manifest.groupby("sha256")["split"].nunique() == 1).all(), "identical image on two sides"
     # Several images per patient exist, so the grouping was not trivially satisfied.
-    assert manifest.groupby("patient_id").size().max() > 1
+    assert manifest.groupby(patient_key(manifest)).size().max() > 1
 
 
 def test_grouped_split_on_real_data_is_stratified_with_the_requested_size(real_manifest):
-    manifest = real_manifest
-    val = manifest[manifest["split"] == "val"]
-    assert abs(len(val) / len(manifest) - 0.1) < 0.015
-    overall = manifest["label"].mean()
+    pool = real_manifest[real_manifest["split"] != "test"]  # validation is carved from train only
+    val = pool[pool["split"] == "val"]
+    assert abs(len(val) / len(pool) - 0.1) < 0.015
+    overall = pool["label"].mean()
     assert abs(val["label"].mean() - overall) < 0.02
-    assert abs(manifest.loc[manifest["split"] == "train", "label"].mean() - overall) < 0.01
+    assert abs(pool.loc[pool["split"] == "train", "label"].mean() - overall) < 0.01
 
 
 def test_split_is_repeatable_and_seed_dependent(real_images, real_manifest):
@@ -315,15 +329,16 @@ def test_manifest_round_trips_and_guards_the_label_contract(real_manifest, tmp_p
 
 def test_limit_per_class_takes_whole_patients(real_images):
     manifest = build_manifest(real_images, 0.1, 42, limit_per_class=50)
-    full = real_images.groupby("patient_id").size()
-    kept = manifest.groupby("patient_id").size()
+    full = real_images.groupby(patient_key(real_images)).size()
+    kept = manifest.groupby(patient_key(manifest)).size()
     assert (kept == full[kept.index]).all(), "a patient was cut in half"
     per_cell = manifest.groupby(["split", "label"]).size()
-    assert len(per_cell) == 4 and (per_cell >= 50).all() and (per_cell < 50 + full.max()).all()
+    assert len(per_cell) == 6 and (per_cell >= 50).all() and (per_cell < 50 + full.max()).all()
 
 
 def test_grouped_split_refuses_impossible_fractions():
-    frame = pd.DataFrame({"label": [0, 1] * 5, "patient_id": [f"p{i}" for i in range(10)]})
+    frame = pd.DataFrame({"label": [0, 1] * 5, "patient_id": [f"p{i}" for i in range(10)],
+                          "path": [f"train/{CLASS_NAMES[i % 2]}/p{i}.png" for i in range(10)]})
     with pytest.raises(DataError, match="between 0 and 1"):
         grouped_split(frame, 1.0, 0)
     with pytest.raises(DataError, match="too few patients"):

@@ -32,11 +32,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        command = [sys.executable, "-m", "entrypoints.aug_cnn", "--data_dir", args.data_dir,
-                   "--cache_dir", str(Path(folder) / "cache"), *args.extra]
+        command = [
+            sys.executable,
+            "-m",
+            "entrypoints.aug_cnn",
+            "--data_dir",
+            args.data_dir,
+            "--cache_dir",
+            str(Path(folder) / "cache"),
+            *args.extra,
+        ]
         started = time.perf_counter()
-        subprocess.run(command, cwd=REPO, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         mlflow.set_tracking_uri(uri)

@@ -47,10 +47,13 @@ def main() -> None:
     data_dir = data_lib.resolve_data_dir(data.data_dir)
     found = data_lib.discover(data_dir)
     manifest = data_lib.build_manifest(found.images, data.val_fraction, data.seed)
-    train_set = pipeline.load_split(data_lib.split_frame(manifest, "train"), data_dir, data.image_size,
-                                    data.channels, data.cache_dir)
+    train_set = pipeline.load_split(
+        data_lib.split_frame(manifest, "train"), data_dir, data.image_size, data.channels, data.cache_dir
+    )
     batch, steps = train.batch_size, args.steps
-    dataset, _ = pipeline.train_dataset(train_set, batch, 2, data.seed, True, build_augmenter(AugmentConfig(), data.seed))
+    dataset, _ = pipeline.train_dataset(
+        train_set, batch, 2, data.seed, True, build_augmenter(AugmentConfig(), data.seed)
+    )
 
     model = compile_model(models.build_aug_cnn(data.image_size, data.channels, CNNConfig()), make_optimizer(train, 100))
     warm = list(dataset.take(4))
@@ -72,8 +75,10 @@ def main() -> None:
     together_seconds = time.perf_counter() - started
 
     images = steps * batch
-    print(f"machine: {os.cpu_count()} cores; keras {keras.__version__}; policy {policy}; "
-          f"{data.image_size}x{data.image_size}x{data.channels}, batch {batch}, {steps} steps")
+    print(
+        f"machine: {os.cpu_count()} cores; keras {keras.__version__}; policy {policy}; "
+        f"{data.image_size}x{data.image_size}x{data.channels}, batch {batch}, {steps} steps"
+    )
     print(f"pipeline alone      {rate(images, pipeline_seconds):8.1f} images/s")
     print(f"model step alone    {rate(images, model_seconds):8.1f} images/s")
     print(f"pipeline + model    {rate(images, together_seconds):8.1f} images/s")

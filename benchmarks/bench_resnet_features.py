@@ -43,10 +43,16 @@ def main() -> None:
     args = parser.parse_args()
     policy = set_precision("auto")
     data_dir = data_lib.resolve_data_dir(args.data_dir)
-    files = sorted((data_dir / "train" / "NORMAL").iterdir())[: args.images // 2] + \
-        sorted((data_dir / "train" / "PNEUMONIA").iterdir())[: args.images // 2]
-    frame = data_lib.discover(data_dir).images.set_index("path").loc[
-        [f.relative_to(data_dir).as_posix() for f in files]].reset_index()
+    files = (
+        sorted((data_dir / "train" / "NORMAL").iterdir())[: args.images // 2]
+        + sorted((data_dir / "train" / "PNEUMONIA").iterdir())[: args.images // 2]
+    )
+    frame = (
+        data_lib.discover(data_dir)
+        .images.set_index("path")
+        .loc[[f.relative_to(data_dir).as_posix() for f in files]]
+        .reset_index()
+    )
     images = pipeline.load_split(frame, data_dir, args.image_size, 3)
     train = TrainConfig(batch_size=32, epochs=1, cosine_decay=False)
 
@@ -69,13 +75,17 @@ def main() -> None:
     per_image = steps * 32
     cached_total = extract_seconds + args.epochs * head_epoch
     frozen_total = args.epochs * full_epoch
-    print(f"machine: {os.cpu_count()} cores; policy {policy}; {len(images.labels)} images at "
-          f"{args.image_size}px; {per_image} balanced samples per epoch")
+    print(
+        f"machine: {os.cpu_count()} cores; policy {policy}; {len(images.labels)} images at "
+        f"{args.image_size}px; {per_image} balanced samples per epoch"
+    )
     print(f"feature extraction (once)         {extract_seconds:8.2f} s")
     print(f"head epoch on cached features     {head_epoch:8.2f} s")
     print(f"epoch through the frozen base     {full_epoch:8.2f} s")
-    print(f"{args.epochs} epochs: base every epoch {frozen_total:8.1f} s, cached features {cached_total:8.1f} s, "
-          f"ratio {frozen_total / cached_total:5.1f}x")
+    print(
+        f"{args.epochs} epochs: base every epoch {frozen_total:8.1f} s, cached features {cached_total:8.1f} s, "
+        f"ratio {frozen_total / cached_total:5.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,30 @@ import typing
 from typing import Any, Callable
 
 from pneumo.config import (
-    AugmentConfig, CNNConfig, CVConfig, DataConfig, DenseConfig, EvalConfig, ResNetConfig, TrainConfig, TuneConfig,
+    AugmentConfig,
+    CNNConfig,
+    CVConfig,
+    DataConfig,
+    DenseConfig,
+    EvalConfig,
+    ResNetConfig,
+    TrainConfig,
+    TuneConfig,
     parse_configs,
 )
 
 # The notebook's settings for its own models: 64x64 RGB, RMSprop, batch 64, up to 50 epochs.
-_NOTEBOOK = {"image_size": 64, "channels": 3, "batch_size": 64, "epochs": 50, "optimizer": "rmsprop",
-             "learning_rate": 1e-3, "patience": 8, "monitor": "val_loss", "cosine_decay": False}
+_NOTEBOOK = {
+    "image_size": 64,
+    "channels": 3,
+    "batch_size": 64,
+    "epochs": 50,
+    "optimizer": "rmsprop",
+    "learning_rate": 1e-3,
+    "patience": 8,
+    "monitor": "val_loss",
+    "cosine_decay": False,
+}
 
 # name -> ("module:function", config types in call order, defaults replacing the dataclass ones)
 ENTRY_POINTS: dict[str, tuple[str, tuple[type, ...], dict[str, Any]]] = {
@@ -32,8 +49,11 @@ ENTRY_POINTS: dict[str, tuple[str, tuple[type, ...], dict[str, Any]]] = {
     "cv": ("pneumo.cv:run_cv", (DataConfig, TrainConfig, CVConfig), {**_NOTEBOOK, "epochs": 20}),
     "cnn": ("pneumo.experiments:run_cnn", (DataConfig, TrainConfig), dict(_NOTEBOOK)),
     "aug_cnn": ("pneumo.experiments:run_aug_cnn", (DataConfig, TrainConfig, AugmentConfig, CNNConfig), {}),
-    "resnet": ("pneumo.transfer:run_resnet", (DataConfig, TrainConfig, ResNetConfig),
-               {"image_size": 160, "channels": 3, "epochs": 15, "learning_rate": 1e-3}),
+    "resnet": (
+        "pneumo.transfer:run_resnet",
+        (DataConfig, TrainConfig, ResNetConfig),
+        {"image_size": 160, "channels": 3, "epochs": 15, "learning_rate": 1e-3},
+    ),
     "evaluate": ("pneumo.evaluate:run_evaluate", (DataConfig, EvalConfig), {}),
     "tune": ("pneumo.tuning:run_tune", (DataConfig, TrainConfig, AugmentConfig, CNNConfig, TuneConfig), {}),
 }
@@ -99,7 +119,7 @@ def render_mlproject() -> str:
                     text = '"' + str(default).replace('"', '\\"') + '"'
                 lines.append(f"      {f.name}: {{type: {_mlproject_type(kind)}, default: {text}}}")
                 flags.append(f"--{f.name} {{{f.name}}}")
-        lines.append(f"    command: \"python -m entrypoints.{name} {' '.join(flags)}\"")
+        lines.append(f'    command: "python -m entrypoints.{name} {" ".join(flags)}"')
     return "\n".join(lines) + "\n"
 
 

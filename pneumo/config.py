@@ -212,7 +212,9 @@ def _field_type(owner: type, f: dataclasses.Field) -> type:
     return typing.get_type_hints(owner)[f.name]
 
 
-def build_parser(description: str, *config_types: type, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    description: str, *config_types: type, defaults: dict[str, Any] | None = None
+) -> argparse.ArgumentParser:
     """Build an argparse parser with one ``--name`` flag per dataclass field.
 
     Args:

@@ -214,8 +214,14 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
         splits = fold_splits(y, groups, cv.folds, data.seed)
         estimator = make_estimator(data, train, cv)
         results = cross_validate(
-            estimator, X, y, groups=groups, cv=splits, scoring=SCORING,
-            return_estimator=True, error_score="raise",
+            estimator,
+            X,
+            y,
+            groups=groups,
+            cv=splits,
+            scoring=SCORING,
+            return_estimator=True,
+            error_score="raise",
         )
         scores = {name: np.asarray(results[f"test_{name}"], dtype=float) for name in SCORING}
 
@@ -227,29 +233,41 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
             fold_of[test_index] = number
             mlflow.log_metrics({f"cv_fold_{name}": float(scores[name][number - 1]) for name in SCORING}, step=number)
             mlflow.log_metrics({f"fold_{number}_{name}": float(scores[name][number - 1]) for name in SCORING})
-            folds_report.append({
-                "fold": number,
-                "n_fit": len(fit_index),
-                "n_test": len(test_index),
-                "test_patients": int(len(np.unique(groups[test_index]))),
-                "test_pneumonia_fraction": float(y[test_index].mean()),
-                **{name: float(scores[name][number - 1]) for name in SCORING},
-                "fit_seconds": float(results["fit_time"][number - 1]),
-                "history": {k: [float(v) for v in values] for k, values in fitted.model_.history.history.items()},
-            })
+            folds_report.append(
+                {
+                    "fold": number,
+                    "n_fit": len(fit_index),
+                    "n_test": len(test_index),
+                    "test_patients": int(len(np.unique(groups[test_index]))),
+                    "test_pneumonia_fraction": float(y[test_index].mean()),
+                    **{name: float(scores[name][number - 1]) for name in SCORING},
+                    "fit_seconds": float(results["fit_time"][number - 1]),
+                    "history": {k: [float(v) for v in values] for k, values in fitted.model_.history.history.items()},
+                }
+            )
         # ddof=1: an estimate of how much a fold's score varies, not the spread of these k alone.
-        summary = {f"cv_{name}_{stat}": float(fn(values)) for name, values in scores.items()
-                   for stat, fn in (("mean", np.mean), ("std", lambda v: np.std(v, ddof=1)))}
+        summary = {
+            f"cv_{name}_{stat}": float(fn(values))
+            for name, values in scores.items()
+            for stat, fn in (("mean", np.mean), ("std", lambda v: np.std(v, ddof=1)))
+        }
         pooled = ev.binary_metrics(y, out_of_fold, 0.5)
         summary["cv_oof_roc_auc"], summary["cv_oof_accuracy"] = pooled["roc_auc"], pooled["accuracy"]
         mlflow.log_metrics(summary)
-        log.info("cv over %d folds: accuracy %.3f +/- %.3f, ROC AUC %.3f +/- %.3f (pooled out-of-fold %.3f)",
-                 cv.folds, summary["cv_accuracy_mean"], summary["cv_accuracy_std"],
-                 summary["cv_roc_auc_mean"], summary["cv_roc_auc_std"], summary["cv_oof_roc_auc"])
+        log.info(
+            "cv over %d folds: accuracy %.3f +/- %.3f, ROC AUC %.3f +/- %.3f (pooled out-of-fold %.3f)",
+            cv.folds,
+            summary["cv_accuracy_mean"],
+            summary["cv_accuracy_std"],
+            summary["cv_roc_auc_mean"],
+            summary["cv_roc_auc_std"],
+            summary["cv_oof_roc_auc"],
+        )
         tracking.log_json({"folds": folds_report, "summary": summary}, "cv_folds.json")
         tracking.log_figure(_plot_folds(results["estimator"], scores), "plots/cv_folds.png")
         tracking.log_figure(
-            ev.plot_confusion_matrix(y, out_of_fold, 0.5, "cv: pooled out-of-fold"), "plots/confusion_matrix_oof_0.5.png"
+            ev.plot_confusion_matrix(y, out_of_fold, 0.5, "cv: pooled out-of-fold"),
+            "plots/confusion_matrix_oof_0.5.png",
         )
         tracking.log_json(ev.confusion_counts(y, out_of_fold, 0.5), "confusion_matrix_oof.json")
         tracking.log_dataframe(
@@ -268,8 +286,14 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
             checkpoint = Path(folder) / "final.keras"
             final.model_.save(checkpoint)
             result = training.TrainResult(
-                final.model_, final.model_.history.history, probabilities, val_set.labels, threshold, val_metrics,
-                checkpoint, extra={"cross_validation": summary},
+                final.model_,
+                final.model_.history.history,
+                probabilities,
+                val_set.labels,
+                threshold,
+                val_metrics,
+                checkpoint,
+                extra={"cross_validation": summary},
             )
             training.log_outputs("cv", result, val_set, data_dir, data, {"data": data, "train": train, "cv": cv})
         return run.info.run_id

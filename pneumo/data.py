@@ -120,9 +120,7 @@ def resolve_data_dir(data_dir: str) -> Path:
         if path.is_dir():
             missing = [c for c in CLASS_NAMES if not (path / "train" / c).is_dir()]
             if missing:
-                raise DataError(
-                    f"{path} is not in the Kaggle layout: missing train/{', train/'.join(missing)}"
-                )
+                raise DataError(f"{path} is not in the Kaggle layout: missing train/{', train/'.join(missing)}")
             return path
         if data_dir:
             log.warning("data_dir %s does not exist; downloading %s", path, KAGGLE_DATASET)

@@ -61,7 +61,9 @@ def default_model_uri() -> str:
     return f"runs:/{runs[0].info.run_id}/model"
 
 
-def predict_split(trained: serving.TrainedModel, frame: pd.DataFrame, data_dir: Path, cache_dir: str) -> tuple[pipeline.ImageSet, np.ndarray]:
+def predict_split(
+    trained: serving.TrainedModel, frame: pd.DataFrame, data_dir: Path, cache_dir: str
+) -> tuple[pipeline.ImageSet, np.ndarray]:
     """Decode manifest rows with the model's input settings and predict them.
 
     Returns:
@@ -77,8 +79,14 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, threshold: float, na
     RocCurveDisplay.from_predictions(labels, probabilities, name=name, ax=axis, plot_chance_level=True)
     for value, marker, colour in ((threshold, "o", "crimson"), (0.5, "s", "dimgray")):
         metrics = ev.binary_metrics(labels, probabilities, value)
-        axis.plot(1 - metrics["specificity"], metrics["sensitivity"], marker, color=colour, markersize=9,
-                  label=f"threshold {value:.3f}: sens {metrics['sensitivity']:.3f}, spec {metrics['specificity']:.3f}")
+        axis.plot(
+            1 - metrics["specificity"],
+            metrics["sensitivity"],
+            marker,
+            color=colour,
+            markersize=9,
+            label=f"threshold {value:.3f}: sens {metrics['sensitivity']:.3f}, spec {metrics['specificity']:.3f}",
+        )
     axis.set_xlabel("1 - specificity (false positive rate)")
     axis.set_ylabel("sensitivity (true positive rate)")
     axis.set_title(title)
@@ -87,15 +95,23 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, threshold: float, na
     return figure
 
 
-def plot_precision_recall(labels: np.ndarray, probabilities: np.ndarray, threshold: float, name: str, title: str) -> plt.Figure:
+def plot_precision_recall(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, name: str, title: str
+) -> plt.Figure:
     """Precision-recall curve (scikit-learn's display) with the operating threshold and 0.5 marked."""
     figure, axis = plt.subplots(figsize=(5.2, 5.0))
     PrecisionRecallDisplay.from_predictions(labels, probabilities, name=name, ax=axis, plot_chance_level=True)
     for value, marker, colour in ((threshold, "o", "crimson"), (0.5, "s", "dimgray")):
         metrics = ev.binary_metrics(labels, probabilities, value)
         if math.isfinite(metrics["ppv"]):
-            axis.plot(metrics["sensitivity"], metrics["ppv"], marker, color=colour, markersize=9,
-                      label=f"threshold {value:.3f}: recall {metrics['sensitivity']:.3f}, precision {metrics['ppv']:.3f}")
+            axis.plot(
+                metrics["sensitivity"],
+                metrics["ppv"],
+                marker,
+                color=colour,
+                markersize=9,
+                label=f"threshold {value:.3f}: recall {metrics['sensitivity']:.3f}, precision {metrics['ppv']:.3f}",
+            )
     axis.set_xlabel("recall (sensitivity)")
     axis.set_ylabel("precision (PPV)")
     axis.set_title(title)
@@ -113,8 +129,14 @@ def plot_calibration(labels: np.ndarray, probabilities: np.ndarray, name: str, t
     curve.set_title(f"{title}\nBrier score {ev.binary_metrics(labels, probabilities, 0.5)['brier']:.4f}")
     curve.set_xlabel("")
     for label, colour in ((0, "#4c72b0"), (1, "#dd8452")):
-        histogram.hist(probabilities[labels == label], bins=20, range=(0, 1), alpha=0.6, color=colour,
-                       label=ev.DISPLAY_NAMES[label])
+        histogram.hist(
+            probabilities[labels == label],
+            bins=20,
+            range=(0, 1),
+            alpha=0.6,
+            color=colour,
+            label=ev.DISPLAY_NAMES[label],
+        )
     histogram.set_xlabel("predicted probability of pneumonia")
     histogram.set_ylabel("images")
     histogram.legend(fontsize=8)
@@ -142,7 +164,9 @@ def plot_threshold_sweep(labels: np.ndarray, probabilities: np.ndarray, threshol
     return figure
 
 
-def confident_errors(labels: np.ndarray, probabilities: np.ndarray, threshold: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+def confident_errors(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, count: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the most confident false negatives (lowest probability first) and false positives."""
     predicted = probabilities >= threshold
     false_negatives = np.flatnonzero((labels == 1) & ~predicted)
@@ -154,7 +178,9 @@ def confident_errors(labels: np.ndarray, probabilities: np.ndarray, threshold: f
 
 
 def _resize(heatmap: np.ndarray, side: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BILINEAR))
+    return np.asarray(
+        Image.fromarray(heatmap.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BILINEAR)
+    )
 
 
 def plot_error_gallery(
@@ -210,8 +236,7 @@ def plot_error_gallery(
             note = " (no pneumonia evidence)" if blank else ""
             axis.set_title(f"{Path(path).name[:26]}\n{kind[:-1]}: p={probabilities[index]:.3f}{note}", fontsize=7)
     subtitle = (
-        f"Grad-CAM of the pneumonia score on layer '{layer}'" if heatmaps is not None
-        else f"no heatmaps: {unavailable}"
+        f"Grad-CAM of the pneumonia score on layer '{layer}'" if heatmaps is not None else f"no heatmaps: {unavailable}"
     )
     figure.suptitle(f"{title}\nmost confident errors at threshold {threshold:.3f}; {subtitle}", fontsize=9)
     figure.tight_layout()
@@ -243,7 +268,9 @@ def _training_overlap(run_id: str | None, frame: pd.DataFrame) -> int | None:
     return int(frame["sha256"].isin(trained_on.loc[trained_on["split"] == "train", "sha256"]).sum())
 
 
-def _val_roc_auc(trained: serving.TrainedModel, val_frame: pd.DataFrame, data_dir: Path, cache_dir: str) -> tuple[float, np.ndarray, np.ndarray]:
+def _val_roc_auc(
+    trained: serving.TrainedModel, val_frame: pd.DataFrame, data_dir: Path, cache_dir: str
+) -> tuple[float, np.ndarray, np.ndarray]:
     """Validation ROC AUC of a model on the given validation rows, with labels and probabilities."""
     images, probabilities = predict_split(trained, val_frame, data_dir, cache_dir)
     return float(roc_auc_score(images.labels, probabilities)), images.labels, probabilities
@@ -268,8 +295,13 @@ def _register(
     """
     champion = registry.current_champion(config.registered_name)
     if champion is not None and trained.run_id and champion.run_id == trained.run_id:
-        log.info("run %s already is %s@%s (version %s); nothing registered",
-                 trained.run_id, config.registered_name, registry.CHAMPION, champion.version)
+        log.info(
+            "run %s already is %s@%s (version %s); nothing registered",
+            trained.run_id,
+            config.registered_name,
+            registry.CHAMPION,
+            champion.version,
+        )
         mlflow.set_tag("pneumo.registration", f"already champion (version {champion.version})")
         return None
     val_frame = split_frame(manifest, "val")
@@ -282,7 +314,9 @@ def _register(
     champion_auc = None
     if champion is not None:
         champion_model = serving.load_trained_model(f"models:/{config.registered_name}@{registry.CHAMPION}")
-        champion_auc, champion_labels, champion_probabilities = _val_roc_auc(champion_model, val_frame, data_dir, cache_dir)
+        champion_auc, champion_labels, champion_probabilities = _val_roc_auc(
+            champion_model, val_frame, data_dir, cache_dir
+        )
         curves[f"champion v{champion.version}"] = (champion_labels, champion_probabilities)
     decision = registry.register(
         f"models:/{trained.model_id}" if trained.model_id else model_uri,
@@ -300,8 +334,10 @@ def _register(
     if champion_auc is not None:
         mlflow.log_metric("registration_champion_val_roc_auc", champion_auc)
     mlflow.set_tags({"pneumo.registered_version": decision.version, "pneumo.alias": decision.alias})
-    tracking.log_json({**decision.as_dict(), "manifest_digest": tracking.manifest_digest(manifest),
-                       "n_val_images": int(len(labels))}, "registration.json")
+    tracking.log_json(
+        {**decision.as_dict(), "manifest_digest": tracking.manifest_digest(manifest), "n_val_images": int(len(labels))},
+        "registration.json",
+    )
     tracking.log_figure(
         plot_registration(curves, f"Registration: validation ROC ({decision.alias}: {decision.reason})"),
         "plots/registration_roc.png",
@@ -333,12 +369,14 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
         # Params keep the values as given (``mlflow run`` has logged them already); what was
         # actually used is logged next to them.
         mlflow.log_params({"model_image_size": trained.image_size, "model_channels": trained.channels})
-        mlflow.set_tags({
-            EVALUATED_RUN_TAG: trained.run_id or "",
-            MODEL_URI_TAG: model_uri,
-            "pneumo.evaluated_entry_point": str(trained.config.get("entry_point", "")),
-            "pneumo.threshold_source": "model" if config.threshold < 0 else "parameter",
-        })
+        mlflow.set_tags(
+            {
+                EVALUATED_RUN_TAG: trained.run_id or "",
+                MODEL_URI_TAG: model_uri,
+                "pneumo.evaluated_entry_point": str(trained.config.get("entry_point", "")),
+                "pneumo.threshold_source": "model" if config.threshold < 0 else "parameter",
+            }
+        )
         manifest, data_dir = tracking.resolve_manifest(data, context="evaluation")
         try:
             frame = split_frame(manifest, config.split)
@@ -357,50 +395,81 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
             )
         split = config.split
         metrics = ev.metrics_at_thresholds(labels, probabilities, threshold, split)
-        metrics.update({"threshold": threshold, f"n_{split}_images": len(labels), "n_skipped_images": len(frame) - len(labels)})
+        metrics.update(
+            {"threshold": threshold, f"n_{split}_images": len(labels), "n_skipped_images": len(frame) - len(labels)}
+        )
         overlap = _training_overlap(trained.run_id, images.frame)
         if overlap is not None:
             metrics["n_images_seen_in_training"] = overlap
             if overlap:
-                log.warning("%d of the %d evaluated images were in the model's training split: the metrics are optimistic",
-                            overlap, len(labels))
+                log.warning(
+                    "%d of the %d evaluated images were in the model's training split: the metrics are optimistic",
+                    overlap,
+                    len(labels),
+                )
         # NaN is logged too: "NPV undefined at 0.5 (nothing predicted normal)" is a finding.
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
         name = f"{trained.config.get('entry_point', 'model')} ({(trained.run_id or '')[:8]})"
         title = f"{name} on {split} ({len(labels)} images)"
         for suffix, value in (("threshold", threshold), ("0.5", 0.5)):
-            tracking.log_figure(ev.plot_confusion_matrix(labels, probabilities, value, title),
-                                f"plots/confusion_matrix_{suffix}.png")
+            tracking.log_figure(
+                ev.plot_confusion_matrix(labels, probabilities, value, title), f"plots/confusion_matrix_{suffix}.png"
+            )
         tracking.log_json(
-            {"split": split, "at_threshold": ev.confusion_counts(labels, probabilities, threshold),
-             "at_0.5": ev.confusion_counts(labels, probabilities, 0.5)},
+            {
+                "split": split,
+                "at_threshold": ev.confusion_counts(labels, probabilities, threshold),
+                "at_0.5": ev.confusion_counts(labels, probabilities, 0.5),
+            },
             "confusion_matrix.json",
         )
         tracking.log_figure(plot_roc(labels, probabilities, threshold, name, f"ROC: {title}"), "plots/roc_curve.png")
-        tracking.log_figure(plot_precision_recall(labels, probabilities, threshold, name, f"Precision-recall: {title}"),
-                            "plots/pr_curve.png")
-        tracking.log_figure(plot_calibration(labels, probabilities, name, f"Calibration: {title}"), "plots/calibration.png")
-        tracking.log_figure(plot_threshold_sweep(labels, probabilities, threshold, f"Sensitivity and specificity: {title}"),
-                            "plots/threshold_sweep.png")
+        tracking.log_figure(
+            plot_precision_recall(labels, probabilities, threshold, name, f"Precision-recall: {title}"),
+            "plots/pr_curve.png",
+        )
+        tracking.log_figure(
+            plot_calibration(labels, probabilities, name, f"Calibration: {title}"), "plots/calibration.png"
+        )
+        tracking.log_figure(
+            plot_threshold_sweep(labels, probabilities, threshold, f"Sensitivity and specificity: {title}"),
+            "plots/threshold_sweep.png",
+        )
         predicted = probabilities >= threshold
         tracking.log_dataframe(
-            pd.DataFrame({
-                "file": images.frame["path"],
-                "patient_id": images.frame["patient_id"],
-                "true_label": [CLASS_NAMES[label] for label in labels],
-                "probability": probabilities,
-                "predicted_label": [CLASS_NAMES[int(p)] for p in predicted],
-            }),
+            pd.DataFrame(
+                {
+                    "file": images.frame["path"],
+                    "patient_id": images.frame["patient_id"],
+                    "true_label": [CLASS_NAMES[label] for label in labels],
+                    "probability": probabilities,
+                    "predicted_label": [CLASS_NAMES[int(p)] for p in predicted],
+                }
+            ),
             "predictions.csv",
         )
-        gallery, unavailable = plot_error_gallery(trained, images, probabilities, threshold, data_dir, config.gallery_size, title)
+        gallery, unavailable = plot_error_gallery(
+            trained, images, probabilities, threshold, data_dir, config.gallery_size, title
+        )
         tracking.log_figure(gallery, "plots/error_gallery.png")
         mlflow.set_tag("pneumo.gradcam", "unavailable: " + unavailable if unavailable else "on")
         if config.register:
-            _register(trained, model_uri, config, manifest, data_dir, data.cache_dir,
-                      (labels, probabilities) if split == "val" else None)
-        log.info("%s: ROC AUC %.4f; at threshold %.3f sensitivity %.3f, specificity %.3f", title,
-                 metrics[f"{split}_roc_auc"], threshold, metrics[f"{split}_sensitivity_at_threshold"],
-                 metrics[f"{split}_specificity_at_threshold"])
+            _register(
+                trained,
+                model_uri,
+                config,
+                manifest,
+                data_dir,
+                data.cache_dir,
+                (labels, probabilities) if split == "val" else None,
+            )
+        log.info(
+            "%s: ROC AUC %.4f; at threshold %.3f sensitivity %.3f, specificity %.3f",
+            title,
+            metrics[f"{split}_roc_auc"],
+            threshold,
+            metrics[f"{split}_sensitivity_at_threshold"],
+            metrics[f"{split}_specificity_at_threshold"],
+        )
         return run.info.run_id

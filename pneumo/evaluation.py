@@ -76,7 +76,9 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
-def metrics_at_thresholds(labels: np.ndarray, probabilities: np.ndarray, threshold: float, prefix: str) -> dict[str, float]:
+def metrics_at_thresholds(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, prefix: str
+) -> dict[str, float]:
     """Metrics of one split at the operating threshold and at 0.5, named for MLflow.
 
     Threshold-free figures appear once (``<prefix>_roc_auc``, ``_pr_auc``, ``_brier``); the others
@@ -113,8 +115,13 @@ def plot_confusion_matrix(labels: np.ndarray, probabilities: np.ndarray, thresho
     predicted = (np.asarray(probabilities) >= threshold).astype(int)
     figure, axis = plt.subplots(figsize=(4.8, 4.2))
     ConfusionMatrixDisplay.from_predictions(
-        np.asarray(labels).astype(int), predicted, labels=[0, 1], display_labels=DISPLAY_NAMES,
-        cmap="Blues", colorbar=False, ax=axis,
+        np.asarray(labels).astype(int),
+        predicted,
+        labels=[0, 1],
+        display_labels=DISPLAY_NAMES,
+        cmap="Blues",
+        colorbar=False,
+        ax=axis,
     )
     axis.set_title(f"{title}\nthreshold {threshold:.3f}")
     figure.tight_layout()

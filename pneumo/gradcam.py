@@ -72,12 +72,16 @@ def target_layer(model: keras.Model) -> keras.layers.Layer:
     """
     stages: list[keras.layers.Layer] = []
     for layer in model.layers:
-        if isinstance(layer, _CONV_TYPES) or (isinstance(layer, keras.Model) and _contains_conv(layer) and _is_spatial(layer)):
+        if isinstance(layer, _CONV_TYPES) or (
+            isinstance(layer, keras.Model) and _contains_conv(layer) and _is_spatial(layer)
+        ):
             stages.append(layer)
         elif stages and isinstance(layer, _POINTWISE_TYPES) and _follows(layer, stages[-1]):
             stages[-1] = layer
     if not stages:
-        raise GradCamUnavailable(f"model '{model.name}' has no convolutional layer, so Grad-CAM has no feature map to use")
+        raise GradCamUnavailable(
+            f"model '{model.name}' has no convolutional layer, so Grad-CAM has no feature map to use"
+        )
     fine = [layer for layer in stages if _grid(layer) >= MIN_GRID]
     return fine[-1] if fine else stages[-1]
 

@@ -39,8 +39,11 @@ def collect_files(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES
-                            and not p.name.startswith("."))
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES and not p.name.startswith(".")
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -72,10 +75,21 @@ def predict_files(files: list[Path], model_uri: str, batch_size: int = 64) -> pd
                 errors.append(str(error))
                 log.warning("%s: %s", path, error)
         good = [i for i, e in enumerate(errors) if not e]
-        batch = np.stack(images) if images else np.zeros((0, trained.image_size, trained.image_size, trained.channels), np.uint8)
+        batch = (
+            np.stack(images)
+            if images
+            else np.zeros((0, trained.image_size, trained.image_size, trained.channels), np.uint8)
+        )
         labelled = serving.label_frame(serving.predict_probabilities(trained.model, batch), trained.threshold)
-        part = pd.DataFrame({"file": [str(p) for p in chunk], "label": "", "probability": np.nan,
-                             "threshold": trained.threshold, "error": errors})
+        part = pd.DataFrame(
+            {
+                "file": [str(p) for p in chunk],
+                "label": "",
+                "probability": np.nan,
+                "threshold": trained.threshold,
+                "error": errors,
+            }
+        )
         part.loc[good, "label"] = labelled["label"].to_numpy()
         part.loc[good, "probability"] = labelled["probability"].to_numpy()
         parts.append(part)
@@ -91,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         0 when every file was predicted, 1 when some could not be read (their rows name the error).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(description="Classify chest X-ray files (JPEG, PNG, DICOM) with a logged pneumo model.")
-    parser.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDER", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--model-uri", required=True, help="runs:/<run id>/model, models:/pneumonia-classifier@champion, ...")
+    parser = argparse.ArgumentParser(
+        description="Classify chest X-ray files (JPEG, PNG, DICOM) with a logged pneumo model."
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="FILES_OR_FOLDER", help="image files and/or folders (searched recursively)"
+    )
+    parser.add_argument(
+        "--model-uri", required=True, help="runs:/<run id>/model, models:/pneumonia-classifier@champion, ..."
+    )
     parser.add_argument("--output", default="", help="CSV file to write; default: standard output")
     parser.add_argument("--batch-size", type=int, default=64, help="images predicted per batch")
     args = parser.parse_args(argv)

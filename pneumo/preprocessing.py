@@ -62,8 +62,7 @@ def _dicom_to_array(data: bytes) -> np.ndarray:
 def _check_dimensions(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise ImageError(
-            f"image is {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit "
-            "(refused before decoding)"
+            f"image is {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (refused before decoding)"
         )
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"image is {width}x{height} pixels, smaller than {MIN_SIDE} on a side")

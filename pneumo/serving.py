@@ -41,8 +41,17 @@ OUTPUT_SCHEMA = Schema([ColSpec("string", "label"), ColSpec("double", "probabili
 # Packages the served model imports, pinned to the versions it was trained with; only the
 # installed TensorFlow distribution (GPU "tensorflow" or "tensorflow-cpu") is pinned.
 _REQUIREMENTS = (
-    "tensorflow", "tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "pydicom", "scikit-learn",
-    "imbalanced-learn", "matplotlib", "mlflow",
+    "tensorflow",
+    "tensorflow-cpu",
+    "keras",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pydicom",
+    "scikit-learn",
+    "imbalanced-learn",
+    "matplotlib",
+    "mlflow",
 )
 # Images per forward pass: bounds the float32 activations of one call, whatever the request size.
 _CHUNK = 64

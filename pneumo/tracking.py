@@ -34,7 +34,10 @@ def git_commit() -> str | None:
     """Commit of the project checkout, or None outside git."""
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -42,7 +45,9 @@ def git_commit() -> str | None:
 
 
 @contextlib.contextmanager
-def start_run(entry_point: str, *configs: Any, nested: bool = False, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def start_run(
+    entry_point: str, *configs: Any, nested: bool = False, run_name: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under ``mlflow run``, resume) a run; log every config field and the standard tags.
 
     Args:
@@ -95,7 +100,11 @@ def log_manifest_input(manifest: pd.DataFrame, data_dir: Path, context: str) -> 
     with warnings.catch_warnings():  # MLflow's notes on source ambiguity and integer columns
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(
-            manifest, source=str(data_dir), targets="label", name="chest_xray_manifest", digest=manifest_digest(manifest)
+            manifest,
+            source=str(data_dir),
+            targets="label",
+            name="chest_xray_manifest",
+            digest=manifest_digest(manifest),
         )
         try:  # the schema is inferred lazily, here, hence inside the filter
             mlflow.log_input(dataset, context=context)
@@ -136,7 +145,9 @@ def prepare_manifest(config: DataConfig, context: str = "prepare") -> tuple[pd.D
         "limit_per_class": config.limit_per_class,
         "counts": {f"{split}/{name}": int(n) for (split, name), n in counts.items()},
         "rejected": len(found.rejected),
-        "patients": {s: int(manifest.loc[manifest["split"] == s, "patient_id"].nunique()) for s in manifest["split"].unique()},
+        "patients": {
+            s: int(manifest.loc[manifest["split"] == s, "patient_id"].nunique()) for s in manifest["split"].unique()
+        },
     }
     log_dataframe(manifest, MANIFEST_ARTIFACT)
     log_json(meta, MANIFEST_META_ARTIFACT)
@@ -154,7 +165,11 @@ def _manifest_from_run(run_id: str) -> tuple[pd.DataFrame, dict]:
     with tempfile.TemporaryDirectory() as folder:
         csv_path = client.download_artifacts(run_id, MANIFEST_ARTIFACT, folder)
         has_meta = any(a.path == MANIFEST_META_ARTIFACT for a in client.list_artifacts(run_id))
-        meta = json.loads(Path(client.download_artifacts(run_id, MANIFEST_META_ARTIFACT, folder)).read_text()) if has_meta else {}
+        meta = (
+            json.loads(Path(client.download_artifacts(run_id, MANIFEST_META_ARTIFACT, folder)).read_text())
+            if has_meta
+            else {}
+        )
         return data_lib.read_manifest(csv_path), meta
 
 

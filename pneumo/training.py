@@ -46,16 +46,22 @@ def set_precision(precision: str) -> str:
     """Set Keras' global dtype policy; returns the policy name actually used."""
     if precision not in ("auto", "float32", "mixed_bfloat16"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'mixed_bfloat16', got {precision!r}")
-    policy = "mixed_bfloat16" if precision == "mixed_bfloat16" or (precision == "auto" and bf16_supported()) else "float32"
+    policy = (
+        "mixed_bfloat16" if precision == "mixed_bfloat16" or (precision == "auto" and bf16_supported()) else "float32"
+    )
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int, learning_rate: float | None = None) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    config: TrainConfig, steps_per_epoch: int, learning_rate: float | None = None
+) -> keras.optimizers.Optimizer:
     """The configured optimizer, with cosine decay over the planned steps when enabled."""
     rate: Any = learning_rate if learning_rate is not None else config.learning_rate
     if config.cosine_decay:
-        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05)
+        rate = keras.optimizers.schedules.CosineDecay(
+            rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05
+        )
     optimizers = {
         "adam": lambda: keras.optimizers.Adam(rate),
         "adamw": lambda: keras.optimizers.AdamW(rate, weight_decay=1e-4),
@@ -155,17 +161,21 @@ def fit(
     )
     seconds = time.perf_counter() - started
     epochs_run = len(history.history.get("loss", []))
-    mlflow.log_metrics({
-        f"{prefix}fit_seconds": seconds,
-        f"{prefix}epochs_run": epochs_run,
-        f"{prefix}train_images_per_second": steps * config.batch_size * epochs_run / max(seconds, 1e-9),
-    })
+    mlflow.log_metrics(
+        {
+            f"{prefix}fit_seconds": seconds,
+            f"{prefix}epochs_run": epochs_run,
+            f"{prefix}train_images_per_second": steps * config.batch_size * epochs_run / max(seconds, 1e-9),
+        }
+    )
     if not checkpoint.is_file():  # no epoch improved on the first: keep the final weights
         model.save(checkpoint)
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
-def evaluate_validation(model: keras.Model, val_set: pipeline.ImageSet, target_sensitivity: float) -> tuple[np.ndarray, float, dict]:
+def evaluate_validation(
+    model: keras.Model, val_set: pipeline.ImageSet, target_sensitivity: float
+) -> tuple[np.ndarray, float, dict]:
     """Predict the validation split, pick the threshold, and compute metrics at 0.5 and at it."""
     probabilities = serving.predict_probabilities(model, val_set.images)
     threshold = ev.threshold_for_sensitivity(val_set.labels, probabilities, target_sensitivity)
@@ -188,7 +198,9 @@ def log_outputs(
         tracking.log_figure(ev.plot_history(result.history, entry_point), "plots/training_curves.png")
     for name, threshold in (("threshold", result.threshold), ("0.5", 0.5)):
         tracking.log_figure(
-            ev.plot_confusion_matrix(result.val_labels, result.val_probabilities, threshold, f"{entry_point}: validation"),
+            ev.plot_confusion_matrix(
+                result.val_labels, result.val_probabilities, threshold, f"{entry_point}: validation"
+            ),
             f"plots/confusion_matrix_val_{name}.png",
         )
     tracking.log_json(
@@ -199,8 +211,11 @@ def log_outputs(
         "confusion_matrix_val.json",
     )
     tracking.log_json(
-        {"threshold": result.threshold, "target_sensitivity": configs["train"].target_sensitivity,
-         "chosen_on": "validation split (patient-grouped)"},
+        {
+            "threshold": result.threshold,
+            "target_sensitivity": configs["train"].target_sensitivity,
+            "chosen_on": "validation split (patient-grouped)",
+        },
         "threshold.json",
     )
     predictions = val_set.frame[["path", "patient_id", "label"]].assign(probability=result.val_probabilities)
@@ -219,13 +234,17 @@ def log_outputs(
     serving.log_model(result.checkpoint, model_config, data_dir / val_set.frame["path"].iloc[0])
 
 
-def load_splits(data_config: DataConfig, context: str = "training") -> tuple[Path, pipeline.ImageSet, pipeline.ImageSet]:
+def load_splits(
+    data_config: DataConfig, context: str = "training"
+) -> tuple[Path, pipeline.ImageSet, pipeline.ImageSet]:
     """Resolve the manifest (logging it) and decode the train and validation images."""
     from pneumo.data import split_frame
 
     manifest, data_dir = tracking.resolve_manifest(data_config, context=context)
     train_set, val_set = (
-        pipeline.load_split(split_frame(manifest, s), data_dir, data_config.image_size, data_config.channels, data_config.cache_dir)
+        pipeline.load_split(
+            split_frame(manifest, s), data_dir, data_config.image_size, data_config.channels, data_config.cache_dir
+        )
         for s in ("train", "val")
     )
     mlflow.log_metrics({"n_train_images": len(train_set.labels), "n_val_images": len(val_set.labels)})
@@ -242,7 +261,9 @@ def log_augmentation_grid(train_set: pipeline.ImageSet, augment: AugmentConfig, 
     names = [CLASS_NAMES[label] for label in train_set.labels[picks]]
     titles = [f"{n} (original)" for n in names] + [f"{n} (augmented)" for n in names]
     tracking.log_figure(
-        ev.plot_image_grid(images, titles, "Training samples: originals (top) and augmented (bottom)", columns=len(picks)),
+        ev.plot_image_grid(
+            images, titles, "Training samples: originals (top) and augmented (bottom)", columns=len(picks)
+        ),
         "plots/augmented_samples.png",
     )
 
@@ -287,5 +308,12 @@ def train_model(
         probabilities, threshold, metrics = evaluate_validation(model, val_set, train_config.target_sensitivity)
         result = TrainResult(model, history, probabilities, val_set.labels, threshold, metrics, checkpoint)
         if log_model:
-            log_outputs(entry_point, result, val_set, data_dir, data_config, configs or {"data": data_config, "train": train_config})
+            log_outputs(
+                entry_point,
+                result,
+                val_set,
+                data_dir,
+                data_config,
+                configs or {"data": data_config, "train": train_config},
+            )
     return result

@@ -21,7 +21,13 @@ from pneumo import models, tracking
 from pneumo.config import DataConfig, ResNetConfig, TrainConfig, replace_fields
 from pneumo.pipeline import ImageSet
 from pneumo.training import (
-    TrainResult, compile_model, evaluate_validation, fit, load_splits, log_outputs, make_optimizer,
+    TrainResult,
+    compile_model,
+    evaluate_validation,
+    fit,
+    load_splits,
+    log_outputs,
+    make_optimizer,
     set_precision,
 )
 
@@ -31,19 +37,31 @@ log = logging.getLogger(__name__)
 def extract_features(base: keras.Model, data: ImageSet, batch_size: int = 64) -> ImageSet:
     """Run the frozen base once over every image; the result indexes like the images did."""
     features = np.concatenate(
-        [np.asarray(base(data.images[i : i + batch_size].astype(np.float32), training=False), dtype=np.float32)
-         for i in range(0, len(data.images), batch_size)]
+        [
+            np.asarray(base(data.images[i : i + batch_size].astype(np.float32), training=False), dtype=np.float32)
+            for i in range(0, len(data.images), batch_size)
+        ]
     )
     return ImageSet(features, data.labels, data.frame)
 
 
-def fine_tune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, train: TrainConfig, resnet: ResNetConfig,
-              seed: int, checkpoint: Path, step_offset: int) -> dict[str, list[float]]:
+def fine_tune(
+    model: keras.Model,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    train: TrainConfig,
+    resnet: ResNetConfig,
+    seed: int,
+    checkpoint: Path,
+    step_offset: int,
+) -> dict[str, list[float]]:
     """Second stage: unfreeze ResNet50's last block (BatchNorm frozen) and train at a low learning rate."""
     unfrozen = models.unfreeze_top_block(model)
     log.info("fine-tuning %d layers of the last block for %d epochs", unfrozen, resnet.fine_tune_epochs)
     stage = replace_fields(train, epochs=resnet.fine_tune_epochs, learning_rate=resnet.fine_tune_learning_rate)
-    return fit(model, train_set, val_set, stage, None, seed + 1, checkpoint, step_offset=step_offset, prefix="fine_tune_")
+    return fit(
+        model, train_set, val_set, stage, None, seed + 1, checkpoint, step_offset=step_offset, prefix="fine_tune_"
+    )
 
 
 def run_resnet(data: DataConfig, train: TrainConfig, resnet: ResNetConfig) -> str:
@@ -76,4 +94,3 @@ def run_resnet(data: DataConfig, train: TrainConfig, resnet: ResNetConfig) -> st
             result = TrainResult(model, history, probabilities, val_set.labels, threshold, metrics, checkpoint)
             log_outputs("resnet", result, val_set, data_dir, data, configs)
         return run.info.run_id
-

@@ -191,7 +191,9 @@ def trial_configs(
     )
 
 
-def objective_value(objective: str, labels: np.ndarray, probabilities: np.ndarray, val_metrics: dict[str, float]) -> float:
+def objective_value(
+    objective: str, labels: np.ndarray, probabilities: np.ndarray, val_metrics: dict[str, float]
+) -> float:
     """The trial's value on the validation split: exact ROC AUC, or binary cross-entropy."""
     if objective == "val_auc":
         return float(val_metrics["val_roc_auc"])
@@ -263,8 +265,12 @@ def open_study(tune: TuneConfig, seed: int) -> optuna.Study:
     """
     direction = _OBJECTIVES[tune.objective]
     study = optuna.create_study(
-        study_name=tune.study_name, storage=open_storage(tune.storage), direction=direction,
-        sampler=TrialSeededTPESampler(seed), pruner=make_pruner(tune), load_if_exists=True,
+        study_name=tune.study_name,
+        storage=open_storage(tune.storage),
+        direction=direction,
+        sampler=TrialSeededTPESampler(seed),
+        pruner=make_pruner(tune),
+        load_if_exists=True,
     )
     if study.direction.name.lower() != direction:
         raise ValueError(
@@ -314,8 +320,15 @@ class Objective:
         loaded: The decoded ``(data_dir, train, val)`` split, shared by all trials.
     """
 
-    def __init__(self, data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig,
-                 tune: TuneConfig, loaded: tuple[Path, pipeline.ImageSet, pipeline.ImageSet]):
+    def __init__(
+        self,
+        data: DataConfig,
+        train: TrainConfig,
+        augment: AugmentConfig,
+        cnn: CNNConfig,
+        tune: TuneConfig,
+        loaded: tuple[Path, pipeline.ImageSet, pipeline.ImageSet],
+    ):
         self.data, self.train, self.augment, self.cnn, self.tune = data, train, augment, cnn, tune
         self.loaded = loaded
         self.run_ids: list[str] = []
@@ -327,8 +340,9 @@ class Objective:
         params = suggest(trial, self.tune)
         train, augment, cnn = trial_configs(self.train, self.augment, self.cnn, self.tune, params)
         pruned: optuna.TrialPruned | None = None
-        with tracking.start_run(TRIAL_ENTRY_POINT, self.data, train, augment, cnn, nested=True,
-                                run_name=f"trial-{trial.number}") as run:
+        with tracking.start_run(
+            TRIAL_ENTRY_POINT, self.data, train, augment, cnn, nested=True, run_name=f"trial-{trial.number}"
+        ) as run:
             self.run_ids.append(run.info.run_id)
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
             mlflow.set_tags({STUDY_TAG: self.tune.study_name, NUMBER_TAG: str(trial.number)})
@@ -338,9 +352,12 @@ class Objective:
                 result = train_model(
                     TRIAL_ENTRY_POINT,
                     lambda: models.build_aug_cnn(self.data.image_size, self.data.channels, cnn),
-                    self.data, train, augment,
+                    self.data,
+                    train,
+                    augment,
                     extra_callbacks=[_PruneOnDivergence(), KerasPruningCallback(trial, self.tune.objective)],
-                    log_model=False, loaded=self.loaded,
+                    log_model=False,
+                    loaded=self.loaded,
                 )
             except optuna.TrialPruned as error:
                 # Ended inside the run, so the nested run finishes cleanly and reads as pruned.
@@ -350,10 +367,12 @@ class Objective:
                 if last is not None:
                     mlflow.log_metrics({"pruned_at_epoch": last[0], "objective_value": last[1]})
             else:
-                value = objective_value(self.tune.objective, result.val_labels, result.val_probabilities,
-                                        result.val_metrics)
-                mlflow.log_metrics({**{k: float(v) for k, v in result.val_metrics.items() if v == v},
-                                    "objective_value": value})
+                value = objective_value(
+                    self.tune.objective, result.val_labels, result.val_probabilities, result.val_metrics
+                )
+                mlflow.log_metrics(
+                    {**{k: float(v) for k, v in result.val_metrics.items() if v == v}, "objective_value": value}
+                )
                 mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
         if pruned is not None:
             raise pruned
@@ -431,12 +450,14 @@ def log_study_summary(study: optuna.Study, tune: TuneConfig) -> FrozenTrial | No
     """
     trials = study.get_trials(deepcopy=False)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-    mlflow.log_metrics({
-        "n_trials_complete": counts[TrialState.COMPLETE],
-        "n_trials_pruned": counts[TrialState.PRUNED],
-        "n_trials_failed": counts[TrialState.FAIL],
-        "n_trials_running": counts[TrialState.RUNNING],
-    })
+    mlflow.log_metrics(
+        {
+            "n_trials_complete": counts[TrialState.COMPLETE],
+            "n_trials_pruned": counts[TrialState.PRUNED],
+            "n_trials_failed": counts[TrialState.FAIL],
+            "n_trials_running": counts[TrialState.RUNNING],
+        }
+    )
     if trials:
         tracking.log_dataframe(study.trials_dataframe(), "trials.csv")
     skipped = log_study_plots(study)
@@ -450,16 +471,30 @@ def log_study_summary(study: optuna.Study, tune: TuneConfig) -> FrozenTrial | No
     mlflow.log_metrics({"best_value": best.value, "best_trial_number": best.number})
     mlflow.set_tag("optuna.best_trial_run_id", best.user_attrs.get(RUN_ID_ATTR, ""))
     tracking.log_json(
-        {"study_name": tune.study_name, "objective": tune.objective, "direction": study.direction.name.lower(),
-         "value": best.value, "trial_number": best.number, "params": best.params,
-         "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR)},
+        {
+            "study_name": tune.study_name,
+            "objective": tune.objective,
+            "direction": study.direction.name.lower(),
+            "value": best.value,
+            "trial_number": best.number,
+            "params": best.params,
+            "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR),
+        },
         "best_params.json",
     )
     return best
 
 
-def retrain(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig, tune: TuneConfig,
-            best: FrozenTrial, parent_run_id: str, manifest_logged: bool) -> str:
+def retrain(
+    data: DataConfig,
+    train: TrainConfig,
+    augment: AugmentConfig,
+    cnn: CNNConfig,
+    tune: TuneConfig,
+    best: FrozenTrial,
+    parent_run_id: str,
+    manifest_logged: bool,
+) -> str:
     """Train ``aug_cnn`` with the best parameters in a nested run logged like an ``aug_cnn`` run.
 
     The nested run carries the effective configuration as its params, so its params describe
@@ -472,20 +507,28 @@ def retrain(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: C
     train_b, augment_b, cnn_b = trial_configs(train, augment, cnn, tune, best.params)
     if manifest_logged:  # the parent logged the trials' manifest: reuse it, no second discovery
         data = replace_fields(data, manifest=parent_run_id)
-    with tracking.start_run("aug_cnn", data, train_b, augment_b, cnn_b, nested=True,
-                            run_name=f"best-trial-{best.number}") as run:
+    with tracking.start_run(
+        "aug_cnn", data, train_b, augment_b, cnn_b, nested=True, run_name=f"best-trial-{best.number}"
+    ) as run:
         mlflow.set_tags({STUDY_TAG: tune.study_name, NUMBER_TAG: str(best.number), "pneumo.tuned_by": parent_run_id})
         keras.backend.clear_session()
         result = train_model(
-            "aug_cnn", lambda: models.build_aug_cnn(data.image_size, data.channels, cnn_b), data, train_b, augment_b,
+            "aug_cnn",
+            lambda: models.build_aug_cnn(data.image_size, data.channels, cnn_b),
+            data,
+            train_b,
+            augment_b,
             configs={"data": data, "train": train_b, "augment": augment_b, "cnn": cnn_b},
         )
-        mlflow.set_tag("mlflow.note.content", (
-            f"aug_cnn retrained with the best parameters of Optuna study {tune.study_name!r} (trial {best.number}). "
-            f"Validation ROC AUC {result.val_metrics['val_roc_auc']:.4f}; at threshold {result.threshold:.3f}: "
-            f"sensitivity {result.val_metrics['val_sensitivity_at_threshold']:.3f}, "
-            f"specificity {result.val_metrics['val_specificity_at_threshold']:.3f}."
-        ))
+        mlflow.set_tag(
+            "mlflow.note.content",
+            (
+                f"aug_cnn retrained with the best parameters of Optuna study {tune.study_name!r} (trial {best.number}). "
+                f"Validation ROC AUC {result.val_metrics['val_roc_auc']:.4f}; at threshold {result.threshold:.3f}: "
+                f"sensitivity {result.val_metrics['val_sensitivity_at_threshold']:.3f}, "
+                f"specificity {result.val_metrics['val_specificity_at_threshold']:.3f}."
+            ),
+        )
         return run.info.run_id
 
 
@@ -507,16 +550,21 @@ def run_tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: 
     logged_tune = dataclasses.replace(tune, storage=masked(tune.storage))
     with tracking.start_run("tune", data, train, augment, cnn, logged_tune) as parent:
         study = open_study(tune, data.seed)
-        mlflow.set_tags({STUDY_TAG: tune.study_name, "optuna.storage": masked(tune.storage),
-                         "optuna.objective": tune.objective})
+        mlflow.set_tags(
+            {STUDY_TAG: tune.study_name, "optuna.storage": masked(tune.storage), "optuna.objective": tune.objective}
+        )
         remaining = tune.n_trials - claimed(study)
         runner = None
         if remaining > 0:
             runner = Objective(data, train, augment, cnn, tune, load_splits(data))
             log.info("study %s: running up to %d trial(s) towards %d", tune.study_name, remaining, tune.n_trials)
             study.optimize(
-                runner, n_trials=remaining, timeout=tune.timeout or None, catch=(SurplusTrial,),
-                callbacks=[_StopWhenFull(tune.n_trials)], gc_after_trial=True,
+                runner,
+                n_trials=remaining,
+                timeout=tune.timeout or None,
+                catch=(SurplusTrial,),
+                callbacks=[_StopWhenFull(tune.n_trials)],
+                gc_after_trial=True,
                 # tqdm redraws with carriage returns: a bar for terminals, Optuna's log lines otherwise.
                 show_progress_bar=sys.stderr.isatty(),
             )
@@ -529,11 +577,11 @@ def run_tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: 
             note += "no completed trial yet."
         else:
             note += f"best value {best.value:.4f} in trial {best.number} with " + json.dumps(
-                {k: round(v, 6) if isinstance(v, float) else v for k, v in best.params.items()})
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in best.params.items()}
+            )
             if tune.retrain_best:
                 run_id = retrain(data, train, augment, cnn, tune, best, parent.info.run_id, runner is not None)
                 mlflow.set_tag("pneumo.best_model_uri", f"runs:/{run_id}/model")
                 note += f" Retrained model: runs:/{run_id}/model."
         mlflow.set_tag("mlflow.note.content", note)
         return parent.info.run_id
-

@@ -44,7 +44,9 @@ class TrainedModels:
 
 def _unseen_images() -> dict[str, list[Path]]:
     return {
-        name: sorted(p for p in (SHARED_DATA / "train" / name).iterdir() if not p.name.startswith("."))[-UNSEEN_PER_CLASS:]
+        name: sorted(p for p in (SHARED_DATA / "train" / name).iterdir() if not p.name.startswith("."))[
+            -UNSEEN_PER_CLASS:
+        ]
         for name in ("NORMAL", "PNEUMONIA")
     }
 
@@ -69,8 +71,17 @@ def trained_models(tmp_path_factory) -> TrainedModels:
             base = DataConfig(data_dir=str(data_dir), val_fraction=VAL_FRACTION, cache_dir="", seed=42)
             manifest = run_prepare(base)
             base = dataclasses.replace(base, manifest=manifest, image_size=64)
-            notebook = TrainConfig(batch_size=16, epochs=10, patience=10, learning_rate=1e-3, optimizer="rmsprop", target_sensitivity=0.9,
-                                   monitor="val_loss", cosine_decay=False, precision="float32")
+            notebook = TrainConfig(
+                batch_size=16,
+                epochs=10,
+                patience=10,
+                learning_rate=1e-3,
+                optimizer="rmsprop",
+                target_sensitivity=0.9,
+                monitor="val_loss",
+                cosine_decay=False,
+                precision="float32",
+            )
             cnn = run_cnn(dataclasses.replace(base, channels=3), notebook)
             dense = run_baseline(
                 dataclasses.replace(base, channels=3),

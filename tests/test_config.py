@@ -13,7 +13,15 @@ import yaml
 from conftest import REPO
 from pneumo.cli import ENTRY_POINTS, _function, render_mlproject
 from pneumo.config import (
-    CVConfig, DataConfig, DenseConfig, TrainConfig, build_parser, flatten, json_text, parse_configs, replace_fields,
+    CVConfig,
+    DataConfig,
+    DenseConfig,
+    TrainConfig,
+    build_parser,
+    flatten,
+    json_text,
+    parse_configs,
+    replace_fields,
 )
 
 CORE = ("prepare", "baseline", "cv", "cnn")
@@ -42,8 +50,16 @@ def test_mlproject_lists_every_field_with_its_entry_point_default():
 def test_issue_parameter_names_are_used():
     spec = yaml.safe_load(render_mlproject())["entry_points"]
     for name in ("baseline", "cv", "cnn"):
-        assert {"data_dir", "manifest", "image_size", "channels", "batch_size", "epochs", "learning_rate",
-                "seed"} <= set(spec[name]["parameters"])
+        assert {
+            "data_dir",
+            "manifest",
+            "image_size",
+            "channels",
+            "batch_size",
+            "epochs",
+            "learning_rate",
+            "seed",
+        } <= set(spec[name]["parameters"])
     assert spec["cv"]["parameters"]["folds"]["default"] == 5
 
 
@@ -69,9 +85,23 @@ def test_core_entry_points_take_their_config_types(name):
 
 def test_parser_has_one_typed_flag_per_field():
     data, train, cv = parse_configs(
-        "x", DataConfig, TrainConfig, CVConfig, defaults={"epochs": 20},
-        argv=["--image_size", "96", "--cosine_decay", "false", "--folds", "3", "--learning_rate", "0.01",
-              "--manifest", ""],
+        "x",
+        DataConfig,
+        TrainConfig,
+        CVConfig,
+        defaults={"epochs": 20},
+        argv=[
+            "--image_size",
+            "96",
+            "--cosine_decay",
+            "false",
+            "--folds",
+            "3",
+            "--learning_rate",
+            "0.01",
+            "--manifest",
+            "",
+        ],
     )
     assert data.image_size == 96 and isinstance(data.image_size, int)
     assert train.cosine_decay is False and train.epochs == 20 and train.learning_rate == 0.01
@@ -104,7 +134,9 @@ def test_flatten_json_and_replace():
     flat = flatten(data, cv)
     assert flat["seed"] == 3 and flat["folds"] == 4 and len(flat) == len(dataclasses.fields(DataConfig)) + 2
     assert json.loads(json_text({"cv": dataclasses.asdict(cv), "bad": float("nan")})) == {
-        "cv": {"folds": 4, "l2": 0.01}, "bad": None}
+        "cv": {"folds": 4, "l2": 0.01},
+        "bad": None,
+    }
     changed = replace_fields(cv, folds=7, not_a_field=1)
     assert changed.folds == 7 and cv.folds == 4
 

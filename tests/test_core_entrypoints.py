@@ -38,11 +38,27 @@ EPOCHS = 2
 FOLDS = 3
 # Small inputs keep the runs fast; cnn's three conv/pool blocks still fit in 32x32.
 TRAINING = {"image_size": 32, "epochs": EPOCHS, "batch_size": 16, "seed": 7, "cache_dir": ""}
-PER_EPOCH = ("loss", "accuracy", "auc", "precision", "recall",
-             "val_loss", "val_accuracy", "val_auc", "val_precision", "val_recall")
-TRAINING_ARTIFACTS = ("plots/training_curves.png", "plots/confusion_matrix_val_threshold.png",
-                      "plots/confusion_matrix_val_0.5.png", "confusion_matrix_val.json", "manifest.csv",
-                      "threshold.json", "val_predictions.csv")
+PER_EPOCH = (
+    "loss",
+    "accuracy",
+    "auc",
+    "precision",
+    "recall",
+    "val_loss",
+    "val_accuracy",
+    "val_auc",
+    "val_precision",
+    "val_recall",
+)
+TRAINING_ARTIFACTS = (
+    "plots/training_curves.png",
+    "plots/confusion_matrix_val_threshold.png",
+    "plots/confusion_matrix_val_0.5.png",
+    "confusion_matrix_val.json",
+    "manifest.csv",
+    "threshold.json",
+    "val_predictions.csv",
+)
 # Written only when a run discovers the images itself; every run logs manifest.csv and manifest_meta.json.
 PREPARE_ONLY = ("rejected_files.csv", "plots/class_distribution.png")
 
@@ -77,8 +93,12 @@ def store(tmp_path_factory):
 
 def _submit(repo: Path, entry_point: str, parameters: dict, synchronous: bool = True):
     return mlflow.projects.run(
-        str(repo), entry_point=entry_point, parameters=parameters, env_manager="local",
-        experiment_name=EXPERIMENT, synchronous=synchronous,
+        str(repo),
+        entry_point=entry_point,
+        parameters=parameters,
+        env_manager="local",
+        experiment_name=EXPERIMENT,
+        synchronous=synchronous,
     )
 
 
@@ -130,7 +150,9 @@ def _read_artifact(client: MlflowClient, run_id: str, path: str, folder: Path) -
 def _dataset_input(run) -> SimpleNamespace:
     (entry,) = run.inputs.dataset_inputs
     tags = {t.key: t.value for t in entry.tags}
-    return SimpleNamespace(name=entry.dataset.name, digest=entry.dataset.digest, context=tags.get("mlflow.data.context"))
+    return SimpleNamespace(
+        name=entry.dataset.name, digest=entry.dataset.digest, context=tags.get("mlflow.data.context")
+    )
 
 
 def _assert_standard_tags(run, entry_point: str) -> None:
@@ -159,6 +181,7 @@ def _assert_params(run, entry_point: str, overrides: dict) -> None:
 
 
 # --- prepare ------------------------------------------------------------------------------------
+
 
 def test_prepare_leaves_the_source_untouched(prepare_run):
     assert prepare_run.after == prepare_run.before
@@ -189,19 +212,29 @@ def test_prepare_logs_manifest_report_plot_and_dataset(store, prepare_run, small
     assert meta["data_dir"] == str(small_data.resolve()) and meta["digest"] == manifest_digest(manifest)
 
     dataset = _dataset_input(run)
-    assert (dataset.name, dataset.digest, dataset.context) == ("chest_xray_manifest", manifest_digest(manifest), "prepare")
+    assert (dataset.name, dataset.digest, dataset.context) == (
+        "chest_xray_manifest",
+        manifest_digest(manifest),
+        "prepare",
+    )
     with Image.open(_read_artifact(client, run.info.run_id, "plots/class_distribution.png", tmp_path)) as plot:
         assert plot.width > 300 and plot.height > 200
 
 
 def test_prepare_without_data_or_network_fails_fast_with_one_clear_message(store, python, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PNEUMO_DATA_DIR"}
-    env.update(PYTHONPATH=str(REPO), KAGGLEHUB_CACHE=str(tmp_path / "kagglehub-cache"), MLFLOW_EXPERIMENT_NAME=EXPERIMENT)
+    env.update(
+        PYTHONPATH=str(REPO), KAGGLEHUB_CACHE=str(tmp_path / "kagglehub-cache"), MLFLOW_EXPERIMENT_NAME=EXPERIMENT
+    )
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     result = subprocess.run(
         [python, "-m", "entrypoints.prepare", "--data_dir", "/nonexistent", "--cache_dir", ""],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -215,6 +248,7 @@ def test_prepare_without_data_or_network_fails_fast_with_one_clear_message(store
 
 
 # --- baseline, cnn, cv --------------------------------------------------------------------------
+
 
 def _assert_training_run(store, run_id: str, entry_point: str, overrides: dict, folder: Path) -> dict:
     """Checks shared by every training entry point; returns the run's manifest and val predictions."""
@@ -230,8 +264,16 @@ def _assert_training_run(store, run_id: str, entry_point: str, overrides: dict, 
         assert [m.step for m in history] == list(range(EPOCHS)), key
         assert all(np.isfinite(m.value) for m in history), key
     metrics = run.data.metrics
-    for key in ("val_roc_auc", "val_pr_auc", "val_brier", "threshold", "val_sensitivity_at_threshold",
-                "val_specificity_at_threshold", "val_accuracy_at_0.5", "val_f1_at_0.5"):
+    for key in (
+        "val_roc_auc",
+        "val_pr_auc",
+        "val_brier",
+        "threshold",
+        "val_sensitivity_at_threshold",
+        "val_specificity_at_threshold",
+        "val_accuracy_at_0.5",
+        "val_f1_at_0.5",
+    ):
         assert np.isfinite(metrics[key]), key
     assert 0.0 <= metrics["threshold"] <= 1.0
 
@@ -291,7 +333,9 @@ def test_baseline_reuses_the_prepare_run_manifest(store, training_runs, prepare_
     meta = json.loads(_read_artifact(store.client, run.run_id, "manifest_meta.json", tmp_path / "meta").read_text())
     assert meta["data_dir"] == str(small_data.resolve())
     prepared = _read_artifact(store.client, prepare_run.run_id, "manifest.csv", tmp_path / "prepare")
-    assert _read_artifact(store.client, run.run_id, "manifest.csv", tmp_path / "own").read_bytes() == prepared.read_bytes()
+    assert (
+        _read_artifact(store.client, run.run_id, "manifest.csv", tmp_path / "own").read_bytes() == prepared.read_bytes()
+    )
     assert _dataset_input(outcome["run"]).digest == _dataset_input(store.client.get_run(prepare_run.run_id)).digest
     assert outcome["run"].data.params["balance"] == "oversample"
     _assert_served_model(run.run_id, small_data, outcome["predictions"], 32)
@@ -301,7 +345,9 @@ def test_cnn_reads_a_manifest_csv(store, training_runs, prepare_run, manifest_cs
     run = training_runs["cnn"]
     outcome = _assert_training_run(store, run.run_id, "cnn", run.parameters, tmp_path)
     assert not set(PREPARE_ONLY) & _artifacts(store.client, run.run_id)
-    assert _dataset_input(outcome["run"]).digest == manifest_digest(pd.read_csv(manifest_csv, dtype={"patient_id": str}))
+    assert _dataset_input(outcome["run"]).digest == manifest_digest(
+        pd.read_csv(manifest_csv, dtype={"patient_id": str})
+    )
     _assert_served_model(run.run_id, small_data, outcome["predictions"], 32)
 
 
@@ -322,10 +368,17 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
         assert [metrics[f"fold_{k}_{name}"] for k in range(1, FOLDS + 1)] == scores[name].tolist()
         assert metrics[f"cv_{name}_mean"] == pytest.approx(scores[name].mean())
         assert metrics[f"cv_{name}_std"] == pytest.approx(scores[name].std(ddof=1))
-    assert {"cv_folds.json", "plots/cv_folds.png", "plots/confusion_matrix_oof_0.5.png", "confusion_matrix_oof.json",
-            "oof_predictions.csv"} <= _artifacts(client, run.run_id)
+    assert {
+        "cv_folds.json",
+        "plots/cv_folds.png",
+        "plots/confusion_matrix_oof_0.5.png",
+        "confusion_matrix_oof.json",
+        "oof_predictions.csv",
+    } <= _artifacts(client, run.run_id)
 
-    out_of_fold = pd.read_csv(_read_artifact(client, run.run_id, "oof_predictions.csv", tmp_path), dtype={"patient_id": str})
+    out_of_fold = pd.read_csv(
+        _read_artifact(client, run.run_id, "oof_predictions.csv", tmp_path), dtype={"patient_id": str}
+    )
     train_rows = outcome["manifest"][outcome["manifest"]["split"] == "train"]
     assert sorted(out_of_fold["path"]) == sorted(train_rows["path"]), "folds cover exactly the training split"
     assert (out_of_fold.groupby("patient_id")["fold"].nunique() == 1).all(), "a patient in two folds"
@@ -346,6 +399,7 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
 
 
 # --- repeatability ------------------------------------------------------------------------------
+
 
 def test_a_fixed_seed_makes_a_run_repeatable(store, training_runs):
     """The cnn run again, in this process, with the same parameters: identical metric histories."""

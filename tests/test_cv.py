@@ -84,8 +84,9 @@ def test_fold_splits_refuse_folds_without_both_classes():
 
 def test_oversampling_happens_inside_fit_only(arrays):
     X, y, _ = arrays
-    estimator = BinaryKerasClassifier(model=lambda: _tiny_model(), oversample=True, epochs=1, batch_size=32,
-                                      random_state=0, verbose=0)
+    estimator = BinaryKerasClassifier(
+        model=lambda: _tiny_model(), oversample=True, epochs=1, batch_size=32, random_state=0, verbose=0
+    )
     estimator.fit(X, y)
     assert estimator.X_shape_[0] == 2 * np.bincount(y).max()  # what Keras was fitted on
     assert estimator.predict_proba(X).shape == (len(y), 2)  # scoring sees the data unchanged
@@ -103,15 +104,18 @@ def test_cross_validated_roc_auc_is_finite_and_equals_a_fold_refitted_by_hand(ar
     estimator = make_estimator(DATA, TRAIN, CVConfig(folds=3))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # "Scoring failed ... set to nan" is a UserWarning
-        results = cross_validate(estimator, X, y, groups=groups, cv=splits, scoring=SCORING,
-                                 return_estimator=True, error_score="raise")
+        results = cross_validate(
+            estimator, X, y, groups=groups, cv=splits, scoring=SCORING, return_estimator=True, error_score="raise"
+        )
     auc = results["test_roc_auc"]
     assert np.isfinite(auc).all() and len(auc) == 3
     assert (auc > 0.5).all(), "the network should beat chance on real images"
     for (fit, test), fitted, score in zip(splits, results["estimator"], auc):
         probability = fitted.predict_proba(X[test])[:, 1]
         # Column 1 of predict_proba is the network's sigmoid: the probability of pneumonia.
-        np.testing.assert_allclose(probability, np.asarray(fitted.model_(X[test].astype(np.float32))).ravel(), atol=1e-6)
+        np.testing.assert_allclose(
+            probability, np.asarray(fitted.model_(X[test].astype(np.float32))).ravel(), atol=1e-6
+        )
         assert roc_auc_score(y[test], probability) == pytest.approx(score, abs=1e-12)
     # An independent fit on the same fold (SciKeras seeds and makes TF deterministic) scores the same.
     fit, test = splits[1]

@@ -17,8 +17,16 @@ from PIL import Image
 from conftest import SHARED_DATA
 from pneumo import CLASS_NAMES
 from pneumo.data import (
-    MANIFEST_COLUMNS, DataError, build_manifest, discover, grouped_split, patient_id, patient_key, read_manifest,
-    resolve_data_dir, split_frame,
+    MANIFEST_COLUMNS,
+    DataError,
+    build_manifest,
+    discover,
+    grouped_split,
+    patient_id,
+    patient_key,
+    read_manifest,
+    resolve_data_dir,
+    split_frame,
 )
 from pneumo.preprocessing import ImageError, decode_file, decode_image
 
@@ -62,8 +70,15 @@ def sample_bytes() -> dict[str, bytes]:
 
 
 def test_samples_really_have_their_modes(sample_bytes):
-    expected = {"L.jpeg": "L", "RGB.jpeg": "RGB", "CMYK.jpeg": "CMYK", "LA.png": "LA", "RGBA.png": "RGBA",
-                "P.png": "P", "I16.png": "I;16"}
+    expected = {
+        "L.jpeg": "L",
+        "RGB.jpeg": "RGB",
+        "CMYK.jpeg": "CMYK",
+        "LA.png": "LA",
+        "RGBA.png": "RGBA",
+        "P.png": "P",
+        "I16.png": "I;16",
+    }
     for name, mode in expected.items():
         assert Image.open(io.BytesIO(sample_bytes[name])).mode == mode, name
 
@@ -121,11 +136,14 @@ def test_decode_image_rejects_truncated_jpeg():
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header declares ``width`` x ``height`` 8-bit gray pixels, with one tiny IDAT."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_decode_image_refuses_a_decompression_bomb_before_decoding():
@@ -202,8 +220,11 @@ def test_discover_lists_every_reject_with_its_reason_and_keeps_every_good_image(
     found = discover(messy_layout)
     reasons = dict(zip(found.rejected["path"], found.rejected["reason"]))
     assert set(reasons) == {
-        "train/NORMAL/IM-0004-0001.jpeg", "train/NORMAL/IM-0005-0001.png", "train/NORMAL/.IM-0006-0001.jpeg",
-        "train/PNEUMONIA/notes.txt", "train/PNEUMONIA/person4_virus_6.png",
+        "train/NORMAL/IM-0004-0001.jpeg",
+        "train/NORMAL/IM-0005-0001.png",
+        "train/NORMAL/.IM-0006-0001.jpeg",
+        "train/PNEUMONIA/notes.txt",
+        "train/PNEUMONIA/person4_virus_6.png",
     }
     assert reasons["train/NORMAL/IM-0004-0001.jpeg"].startswith("undecodable")
     assert reasons["train/NORMAL/IM-0005-0001.png"].startswith("undecodable")
@@ -249,6 +270,7 @@ def test_resolve_data_dir_uses_the_environment_variable(tmp_path, monkeypatch):
 
 # --- the split, on the real data -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def real_images() -> pd.DataFrame:
     """Discovery of all real images, train and test (once per module)."""
@@ -264,8 +286,12 @@ def real_manifest(real_images) -> pd.DataFrame:
 
 def test_real_data_is_fully_discovered_with_folder_labels(real_images):
     counts = real_images.groupby(["source_split", "label_name"]).size().to_dict()
-    assert counts == {("train", "NORMAL"): 1341, ("train", "PNEUMONIA"): 3875,
-                      ("test", "NORMAL"): 117, ("test", "PNEUMONIA"): 194}
+    assert counts == {
+        ("train", "NORMAL"): 1341,
+        ("train", "PNEUMONIA"): 3875,
+        ("test", "NORMAL"): 117,
+        ("test", "PNEUMONIA"): 194,
+    }
     assert len(real_images) == 5216 + 311
     folder = real_images["path"].str.split("/").str[1]
     assert (folder == real_images["label_name"]).all()
@@ -280,7 +306,9 @@ def test_real_data_is_fully_discovered_with_folder_labels(real_images):
 def test_patient_ids_name_a_patient_within_their_source_split(real_images):
     # Train and test are numbered separately: the same id in both is two children.
     source = real_images["path"].str.split("/").str[0]
-    shared = set(real_images.loc[source == "train", "patient_id"]) & set(real_images.loc[source == "test", "patient_id"])
+    shared = set(real_images.loc[source == "train", "patient_id"]) & set(
+        real_images.loc[source == "test", "patient_id"]
+    )
     assert len(shared) == 87 and "person102" in shared
     keys = patient_key(real_images)
     assert keys.nunique() == real_images.groupby([source, real_images["patient_id"]]).ngroups
@@ -337,8 +365,13 @@ def test_limit_per_class_takes_whole_patients(real_images):
 
 
 def test_grouped_split_refuses_impossible_fractions():
-    frame = pd.DataFrame({"label": [0, 1] * 5, "patient_id": [f"p{i}" for i in range(10)],
-                          "path": [f"train/{CLASS_NAMES[i % 2]}/p{i}.png" for i in range(10)]})
+    frame = pd.DataFrame(
+        {
+            "label": [0, 1] * 5,
+            "patient_id": [f"p{i}" for i in range(10)],
+            "path": [f"train/{CLASS_NAMES[i % 2]}/p{i}.png" for i in range(10)],
+        }
+    )
     with pytest.raises(DataError, match="between 0 and 1"):
         grouped_split(frame, 1.0, 0)
     with pytest.raises(DataError, match="too few patients"):
@@ -346,6 +379,7 @@ def test_grouped_split_refuses_impossible_fractions():
 
 
 # --- the notebook's validation scheme ----------------------------------------------------------
+
 
 def _tree_state(root: Path) -> dict[str, tuple[str, int]]:
     """Every entry below root with its content hash and mtime (what 'nothing moved' means)."""

@@ -22,8 +22,15 @@ pytest_plugins = ["model_fixtures"]
 
 REGISTERED = "pneumonia-classifier"
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "tp", "fp", "tn", "fn")
-FIGURES = ("confusion_matrix_threshold", "confusion_matrix_0.5", "roc_curve", "pr_curve", "calibration",
-           "threshold_sweep", "error_gallery")
+FIGURES = (
+    "confusion_matrix_threshold",
+    "confusion_matrix_0.5",
+    "roc_curve",
+    "pr_curve",
+    "calibration",
+    "threshold_sweep",
+    "error_gallery",
+)
 
 
 def evaluate(store, **changes) -> str:
@@ -56,7 +63,9 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     assert list(predictions.columns) == ["file", "patient_id", "true_label", "probability", "predicted_label"]
     manifest = pd.read_csv(artifact(run_id, "manifest.csv", tmp_path))
     assert sorted(predictions["file"]) == sorted(manifest.loc[manifest["split"] == "val", "path"])
-    assert (predictions["predicted_label"] == np.where(predictions["probability"] >= threshold, "PNEUMONIA", "NORMAL")).all()
+    assert (
+        predictions["predicted_label"] == np.where(predictions["probability"] >= threshold, "PNEUMONIA", "NORMAL")
+    ).all()
     truth = (predictions["true_label"] == "PNEUMONIA").to_numpy()
     assert all(f.startswith(f"train/{label}/") for f, label in zip(predictions["file"], predictions["true_label"]))
     # Decoded with the model's own size and channels, predicted like serving: the same AUC as
@@ -67,7 +76,9 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     counts = json.loads(open(artifact(run_id, "confusion_matrix.json", tmp_path)).read())
     assert counts["at_threshold"]["tp"] == metrics["val_tp_at_threshold"] == int((truth & predicted).sum())
     assert counts["at_threshold"]["fn"] == metrics["val_fn_at_threshold"] == int((truth & ~predicted).sum())
-    assert counts["at_0.5"]["fp"] == metrics["val_fp_at_0.5"] == int((~truth & (predictions["probability"] >= 0.5)).sum())
+    assert (
+        counts["at_0.5"]["fp"] == metrics["val_fp_at_0.5"] == int((~truth & (predictions["probability"] >= 0.5)).sum())
+    )
     assert counts["at_threshold"]["class_names"] == list(CLASS_NAMES)
 
     for figure in FIGURES:
@@ -82,14 +93,19 @@ def test_dense_model_gets_a_gallery_without_heatmaps_and_a_given_threshold(model
     assert run.data.tags["pneumo.threshold_source"] == "parameter"
     assert run.data.metrics["threshold"] == 0.5
     for name in THRESHOLD_METRICS:
-        assert run.data.metrics[f"val_{name}_at_threshold"] == pytest.approx(run.data.metrics[f"val_{name}_at_0.5"], nan_ok=True)
+        assert run.data.metrics[f"val_{name}_at_threshold"] == pytest.approx(
+            run.data.metrics[f"val_{name}_at_0.5"], nan_ok=True
+        )
     with Image.open(artifact(run_id, "plots/error_gallery.png", tmp_path)) as image:
         assert min(image.size) > 200
 
 
 def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path):
     client = MlflowClient()
-    auc = {name: mlflow.get_run(getattr(models_store, name)).data.metrics["val_roc_auc"] for name in ("dense", "cnn", "aug_cnn")}
+    auc = {
+        name: mlflow.get_run(getattr(models_store, name)).data.metrics["val_roc_auc"]
+        for name in ("dense", "cnn", "aug_cnn")
+    }
     assert auc["dense"] < auc["aug_cnn"] < auc["cnn"]  # the order this test relies on
 
     first = mlflow.get_run(evaluate(models_store, model_uri=models_store.model_uri(models_store.dense), register=True))
@@ -126,8 +142,18 @@ def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path)
 
 
 def test_empty_split_is_a_clear_error(models_store):
-    argv = ["--data_dir", str(models_store.data_dir), "--manifest", models_store.manifest, "--cache_dir", "",
-            "--model_uri", models_store.model_uri(models_store.cnn), "--split", "test"]
+    argv = [
+        "--data_dir",
+        str(models_store.data_dir),
+        "--manifest",
+        models_store.manifest,
+        "--cache_dir",
+        "",
+        "--model_uri",
+        models_store.model_uri(models_store.cnn),
+        "--split",
+        "test",
+    ]
     with pytest.raises(SystemExit) as exited:
         cli_main("evaluate", argv)
     message = str(exited.value.code)
@@ -144,10 +170,13 @@ def test_gradcam_points_at_the_evidence():
     # One conv filter that responds to brightness, pooled and weighed positively: the evidence for
     # "pneumonia" is exactly the bright square, so Grad-CAM must light up there and nowhere else.
     inputs = keras.Input((32, 32, 1))
-    features = keras.layers.Conv2D(1, 3, padding="same", activation="relu", name="conv",
-                                   kernel_initializer="ones", bias_initializer="zeros")(inputs)
+    features = keras.layers.Conv2D(
+        1, 3, padding="same", activation="relu", name="conv", kernel_initializer="ones", bias_initializer="zeros"
+    )(inputs)
     pooled = keras.layers.GlobalAveragePooling2D()(features)
-    output = keras.layers.Dense(1, activation="sigmoid", kernel_initializer="ones", bias_initializer=keras.initializers.Constant(-1.0))(pooled)
+    output = keras.layers.Dense(
+        1, activation="sigmoid", kernel_initializer="ones", bias_initializer=keras.initializers.Constant(-1.0)
+    )(pooled)
     model = keras.Model(inputs, output)
     images = np.zeros((2, 32, 32, 1), np.uint8)
     images[0, 4:10, 20:28] = 1
@@ -166,9 +195,11 @@ def test_gradcam_finds_the_last_convolution_of_every_model(name):
         base = models.build_resnet_base(size, 1, "none")
         model = models.stack_resnet(base, models.build_resnet_head(base.output_shape[1:]))
     else:
-        model = {"aug_cnn": lambda: models.build_aug_cnn(size, 1, CNNConfig(width=8)),
-                 "cnn": lambda: models.build_notebook_cnn(size, 1),
-                 "dense": lambda: models.build_dense(size, 1)}[name]()
+        model = {
+            "aug_cnn": lambda: models.build_aug_cnn(size, 1, CNNConfig(width=8)),
+            "cnn": lambda: models.build_notebook_cnn(size, 1),
+            "dense": lambda: models.build_dense(size, 1),
+        }[name]()
     if name == "dense":
         with pytest.raises(gradcam.GradCamUnavailable, match="no convolutional layer"):
             gradcam.target_layer(model)

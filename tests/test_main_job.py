@@ -28,16 +28,29 @@ def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
 
 def _project_run(repo, entry_point: str, parameters: dict) -> str:
     submitted = mlflow.projects.run(
-        str(repo), entry_point=entry_point, parameters=parameters, env_manager="local",
-        experiment_name="pneumo-test", synchronous=True,
+        str(repo),
+        entry_point=entry_point,
+        parameters=parameters,
+        env_manager="local",
+        experiment_name="pneumo-test",
+        synchronous=True,
     )
     return submitted.run_id
 
 
 @pytest.fixture
 def aug_cnn_run(repo, tracking, small_data):
-    params = {"data_dir": str(small_data), "cache_dir": "", "image_size": 64, "epochs": EPOCHS,
-              "batch_size": 16, "width": 8, "rotation": 12, "gamma": 0.25, "seed": 7}
+    params = {
+        "data_dir": str(small_data),
+        "cache_dir": "",
+        "image_size": 64,
+        "epochs": EPOCHS,
+        "batch_size": 16,
+        "width": 8,
+        "rotation": 12,
+        "gamma": 0.25,
+        "seed": 7,
+    }
     return _project_run(repo, "aug_cnn", params), params
 
 
@@ -47,18 +60,42 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["pneumo.entry_point"] == "aug_cnn"
-    for name in ("rotation", "width_shift", "height_shift", "zoom", "brightness_low", "brightness_high", "contrast",
-                 "gamma", "flip", "learning_rate", "optimizer", "batch_size", "epochs", "image_size", "channels",
-                 "width", "target_sensitivity", "dtype_policy"):
+    for name in (
+        "rotation",
+        "width_shift",
+        "height_shift",
+        "zoom",
+        "brightness_low",
+        "brightness_high",
+        "contrast",
+        "gamma",
+        "flip",
+        "learning_rate",
+        "optimizer",
+        "batch_size",
+        "epochs",
+        "image_size",
+        "channels",
+        "width",
+        "target_sensitivity",
+        "dtype_policy",
+    ):
         assert name in run.data.params, name
     assert float(run.data.params["rotation"]) == 12 and run.data.params["flip"].lower() == "false"
     for metric in ("loss", "val_loss", "auc", "val_auc", "accuracy", "val_accuracy", "precision", "val_recall"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == list(range(EPOCHS)), metric
     artifacts = _artifacts(client, run_id)
-    for expected in ("plots/augmented_samples.png", "plots/training_curves.png", "plots/confusion_matrix_val_threshold.png",
-                     "plots/confusion_matrix_val_0.5.png", "confusion_matrix_val.json", "threshold.json",
-                     "manifest.csv", "val_predictions.csv"):
+    for expected in (
+        "plots/augmented_samples.png",
+        "plots/training_curves.png",
+        "plots/confusion_matrix_val_threshold.png",
+        "plots/confusion_matrix_val_0.5.png",
+        "confusion_matrix_val.json",
+        "threshold.json",
+        "manifest.csv",
+        "val_predictions.csv",
+    ):
         assert expected in artifacts, expected
     threshold = json.loads(open(client.download_artifacts(run_id, "threshold.json")).read())
     assert 0.0 <= threshold["threshold"] <= 1.0
@@ -66,7 +103,10 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     assert run.data.metrics["val_sensitivity_at_threshold"] >= 0.97
     # The served model carries the threshold and every hyperparameter.
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    files = sorted((small_data / "train" / "PNEUMONIA").iterdir())[:2] + sorted((small_data / "train" / "NORMAL").iterdir())[:2]
+    files = (
+        sorted((small_data / "train" / "PNEUMONIA").iterdir())[:2]
+        + sorted((small_data / "train" / "NORMAL").iterdir())[:2]
+    )
     out = model.predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))
     assert list(out.columns) == ["label", "probability", "threshold"]
     assert out["probability"].between(0, 1).all()
@@ -77,15 +117,25 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
 
     with mlflow.start_run():
         manifest, data_dir = resolve_manifest(DataConfig(manifest=run_id))
-    assert data_dir == small_data.resolve() and len(manifest) == int(run.data.metrics["n_train_images"] + run.data.metrics["n_val_images"])
+    assert data_dir == small_data.resolve() and len(manifest) == int(
+        run.data.metrics["n_train_images"] + run.data.metrics["n_val_images"]
+    )
     config = json.loads(open(client.download_artifacts(run_id, "model/artifacts/model_config.json")).read())
     assert config["image_size"] == 64 and config["channels"] == 1
     assert config["config"]["augment"]["rotation"] == 12.0
 
 
 def test_resnet_trains_head_on_cached_features(repo, tracking, small_data):
-    params = {"data_dir": str(small_data), "cache_dir": "", "image_size": 32, "epochs": EPOCHS, "batch_size": 16,
-              "weights": "none", "seed": 3, "fine_tune_epochs": 1}
+    params = {
+        "data_dir": str(small_data),
+        "cache_dir": "",
+        "image_size": 32,
+        "epochs": EPOCHS,
+        "batch_size": 16,
+        "weights": "none",
+        "seed": 3,
+        "fine_tune_epochs": 1,
+    }
     run_id = _project_run(repo, "resnet", params)
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -108,9 +158,23 @@ def test_resnet_imagenet_offline_fails_with_a_clear_message(repo, tracking, smal
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # no cached weights
     result = subprocess.run(
-        [python, "-m", "entrypoints.resnet", "--data_dir", str(small_data), "--cache_dir", "", "--image_size", "32",
-         "--weights", "imagenet"],
-        cwd=repo, capture_output=True, text=True, timeout=300,
+        [
+            python,
+            "-m",
+            "entrypoints.resnet",
+            "--data_dir",
+            str(small_data),
+            "--cache_dir",
+            "",
+            "--image_size",
+            "32",
+            "--weights",
+            "imagenet",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "weights=none" in result.stderr and "ImageNet weights" in result.stderr

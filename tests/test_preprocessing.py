@@ -57,8 +57,16 @@ def test_real_jpeg_gives_uint8_arrays_of_the_requested_shape(xray_path):
         (lambda g: xf.dicom(g, "MONOCHROME1", bits_stored=12), 0),
         (lambda g: xf.dicom(g, "MONOCHROME1", bits_stored=8), 0),
     ],
-    ids=["rgba-png", "16bit-png", "cmyk-jpeg", "dicom-12bit", "dicom-16bit", "dicom-8bit", "dicom-monochrome1-12bit",
-         "dicom-monochrome1-8bit"],
+    ids=[
+        "rgba-png",
+        "16bit-png",
+        "cmyk-jpeg",
+        "dicom-12bit",
+        "dicom-16bit",
+        "dicom-8bit",
+        "dicom-monochrome1-12bit",
+        "dicom-monochrome1-8bit",
+    ],
 )
 def test_accepted_formats_decode_to_the_same_picture(gray, reference, variant, tolerance):
     decoded = decode_image(variant(gray), SIZE, 1).astype(int)

@@ -82,9 +82,25 @@ def server(trained_models, tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained_models.tracking_uri}
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", SERVED_URI, "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                SERVED_URI,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -98,7 +114,9 @@ def server(trained_models, tmp_path_factory):
             except requests.ConnectionError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not answer /ping in {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}")
+                pytest.fail(
+                    f"mlflow models serve did not answer /ping in {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield Server(url, process, log)
     finally:
@@ -115,8 +133,13 @@ def server(trained_models, tmp_path_factory):
 def unseen(trained_models) -> pd.DataFrame:
     """Images no model saw, with their class and file bytes."""
     rows = [(path, name) for name in CLASS_NAMES for path in trained_models.unseen[name]]
-    return pd.DataFrame({"path": [p for p, _ in rows], "label_name": [n for _, n in rows],
-                         "image": [b64(p.read_bytes()) for p, _ in rows]})
+    return pd.DataFrame(
+        {
+            "path": [p for p, _ in rows],
+            "label_name": [n for _, n in rows],
+            "image": [b64(p.read_bytes()) for p, _ in rows],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +164,9 @@ def test_http_split_and_records_match_pyfunc_and_predict_command(server, unseen,
         (folder / path.name).symlink_to(path)
     csv = tmp_path / "out" / "predictions.csv"
     assert predict.main([str(folder), "--model-uri", SERVED_URI, "--output", str(csv)]) == 0
-    from_command = pd.read_csv(csv, keep_default_na=False).set_index("file").loc[[str(folder / p.name) for p in unseen["path"]]]
+    from_command = (
+        pd.read_csv(csv, keep_default_na=False).set_index("file").loc[[str(folder / p.name) for p in unseen["path"]]]
+    )
 
     assert list(from_command.columns) == ["label", "probability", "threshold", "error"]
     assert (from_command["error"] == "").all()
@@ -149,7 +174,9 @@ def test_http_split_and_records_match_pyfunc_and_predict_command(server, unseen,
         np.testing.assert_allclose(over_split["probability"], other["probability"], rtol=0, atol=1e-6)
         assert list(over_split["label"]) == list(other["label"])
         assert np.allclose(over_split["threshold"], other["threshold"])
-    assert (over_split["label"] == np.where(over_split["probability"] >= over_split["threshold"], "PNEUMONIA", "NORMAL")).all()
+    assert (
+        over_split["label"] == np.where(over_split["probability"] >= over_split["threshold"], "PNEUMONIA", "NORMAL")
+    ).all()
 
 
 def test_images_from_pneumonia_come_back_pneumonia(server, unseen):
@@ -189,12 +216,20 @@ BAD_REQUESTS = {
     "null": (lambda u: records_body([None]), ["row 0", "missing (null)"]),
     "non_image_bytes": (lambda u: split_body([b64(bytes(range(256)) * 8)]), ["row 0", "not a recognised image"]),
     "truncated_jpeg": (lambda u: split_body([b64(_truncated(u))]), ["row 0", "truncated or corrupt"]),
-    "text_file": (lambda u: records_body([b64(b"patient: 12345\nfindings: none\n" * 20)]), ["row 0", "not a recognised image"]),
+    "text_file": (
+        lambda u: records_body([b64(b"patient: 12345\nfindings: none\n" * 20)]),
+        ["row 0", "not a recognised image"],
+    ),
     "one_pixel": (lambda u: split_body([b64(xf.tiny_png(1))]), ["row 0", "1x1 pixels, smaller than 32"]),
-    "decompression_bomb": (lambda u: split_body([b64(xf.png_header_only(100_000, 100_000))]), ["row 0", "image too large"]),
+    "decompression_bomb": (
+        lambda u: split_body([b64(xf.png_header_only(100_000, 100_000))]),
+        ["row 0", "image too large"],
+    ),
     "number_not_text": (lambda u: records_body([12345]), ["row 0", "must be base64 text, got int"]),
-    "misnamed_column": (lambda u: {"dataframe_split": {"columns": ["img"], "data": [[u["image"].iloc[0]]]}},
-                        ["missing inputs ['image']", "extra inputs: ['img']"]),
+    "misnamed_column": (
+        lambda u: {"dataframe_split": {"columns": ["img"], "data": [[u["image"].iloc[0]]]}},
+        ["missing inputs ['image']", "extra inputs: ['img']"],
+    ),
     "missing_column": (lambda u: {"dataframe_records": [{}]}, ["missing inputs ['image']"]),
     "malformed_json": (lambda u: '{"dataframe_split": {"columns": ["image"], "data": [["abc"]', ["valid JSON"]),
     "unknown_format": (lambda u: {"images": [u["image"].iloc[0]]}, ["dataframe_split", "dataframe_records"]),

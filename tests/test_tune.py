@@ -35,14 +35,27 @@ def _children(client: MlflowClient, parent_id: str, entry_point: str = "tune_tri
 
 
 def _base_params(small_data, storage: str) -> dict:
-    return {"data_dir": str(small_data), "cache_dir": "", "image_size": 32, "epochs": 2, "batch_size": 16,
-            "width": 4, "val_fraction": 0.2, "storage": storage, "study_name": "tiny"}
+    return {
+        "data_dir": str(small_data),
+        "cache_dir": "",
+        "image_size": 32,
+        "epochs": 2,
+        "batch_size": 16,
+        "width": 4,
+        "val_fraction": 0.2,
+        "storage": storage,
+        "study_name": "tiny",
+    }
 
 
 def _tune(repo, parameters: dict) -> str:
     return mlflow.projects.run(
-        str(repo), entry_point="tune", parameters=parameters, env_manager="local",
-        experiment_name="pneumo-test", synchronous=True,
+        str(repo),
+        entry_point="tune",
+        parameters=parameters,
+        env_manager="local",
+        experiment_name="pneumo-test",
+        synchronous=True,
     ).run_id
 
 
@@ -73,8 +86,17 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
 
     # Same study again, now asking for 3 trials: one more trial runs, and a pruner that no AUC can
     # satisfy (floor above 1) stops it after its first epoch; then the best trial is retrained.
-    second = _tune(repo, {**_base_params(small_data, storage), "n_trials": 3, "pruner": "threshold",
-                          "prune_threshold": 1.01, "pruner_warmup_epochs": 0, "retrain_best": "true"})
+    second = _tune(
+        repo,
+        {
+            **_base_params(small_data, storage),
+            "n_trials": 3,
+            "pruner": "threshold",
+            "prune_threshold": 1.01,
+            "pruner_warmup_epochs": 0,
+            "retrain_best": "true",
+        },
+    )
     [pruned] = _children(client, second)
     assert pruned.data.tags["optuna.trial_number"] == "2"
     assert pruned.info.status == "FINISHED" and pruned.data.tags["optuna.trial_state"] == "PRUNED"
@@ -83,7 +105,10 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
 
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert [(t.number, t.state) for t in study.trials] == [
-        (0, TrialState.COMPLETE), (1, TrialState.COMPLETE), (2, TrialState.PRUNED)]
+        (0, TrialState.COMPLETE),
+        (1, TrialState.COMPLETE),
+        (2, TrialState.PRUNED),
+    ]
     # A resumed seeded search draws new points instead of replaying the first invocation's.
     assert study.trials[2].params["learning_rate"] not in {t.params["learning_rate"] for t in study.trials[:2]}
     table = pd.read_csv(client.download_artifacts(second, "trials.csv"))
@@ -102,7 +127,8 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
     # Same seed, data and parameters: the retrained model reproduces its trial (up to CPU
     # thread-scheduling noise, one or two swapped ranks among the 24 validation images).
     assert retrained.data.metrics["val_roc_auc"] == pytest.approx(
-        by_number[best["trial_number"]].data.metrics["val_roc_auc"], abs=0.03)
+        by_number[best["trial_number"]].data.metrics["val_roc_auc"], abs=0.03
+    )
 
 
 def test_two_workers_share_one_study_without_losing_or_repeating_trials(repo, tracking, small_data, tmp_path, python):
@@ -111,8 +137,10 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(repo, tr
     params = {**_base_params(small_data, storage), "n_trials": n_trials, "pruner": "none", "epochs": 1}
     command = [python, "-m", "entrypoints.tune"] + [f"--{k}={v}" for k, v in params.items()]
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    workers = [subprocess.Popen(command, cwd=repo, env=os.environ.copy(), stdout=log.open("w"),
-                                stderr=subprocess.STDOUT) for log in logs]
+    workers = [
+        subprocess.Popen(command, cwd=repo, env=os.environ.copy(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for log in logs
+    ]
     for worker, log in zip(workers, logs):
         assert worker.wait(timeout=400) == 0, log.read_text()[-3000:]
 
@@ -158,7 +186,12 @@ def test_study_summary_handles_small_studies(tracking, tmp_path):
         best = log_study_summary(study, tune)
     assert best.number == complete.number
     artifacts = _artifacts(client, run.info.run_id)
-    assert {"plots/optuna_optimization_history.png", "plots/optuna_slice.png", "trials.csv", "best_params.json"} <= artifacts
+    assert {
+        "plots/optuna_optimization_history.png",
+        "plots/optuna_slice.png",
+        "trials.csv",
+        "best_params.json",
+    } <= artifacts
     # Importances need two completed trials: skipped with a note, not an error.
     assert "plots/optuna_param_importances.png" not in artifacts
     assert "param_importances" in open(client.download_artifacts(run.info.run_id, "plots/skipped_plots.txt")).read()

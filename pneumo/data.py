@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumo import CLASS_NAMES
-from pneumo.preprocessing import MAX_PIXELS, MIN_SIDE
+from pneumo.preprocessing import ImageError, check_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,11 @@ def _inspect(path: Path) -> tuple[dict | None, str | None]:
         with Image.open(path) as image:
             width, height = image.size
             mode = image.mode
-            if width * height > MAX_PIXELS or min(width, height) < MIN_SIDE:
-                return None, f"unusable size {width}x{height}"
+            check_dimensions(width, height)
             image.draft(image.mode, (256, 256))  # verifies the whole stream at a fraction of the cost
             image.load()
+    except ImageError as error:
+        return None, f"unusable size: {error}"
     except Exception as error:
         return None, f"undecodable: {type(error).__name__}: {error}"
     return {

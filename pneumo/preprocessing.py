@@ -42,7 +42,7 @@ def _dicom_to_array(data: bytes) -> np.ndarray:
         rows, cols = int(dataset.Rows), int(dataset.Columns)
     except Exception as error:
         raise ImageError(f"unreadable DICOM file: {error}") from error
-    _check_dimensions(cols, rows)
+    check_dimensions(cols, rows)
     try:
         pixels = dataset.pixel_array
     except Exception as error:
@@ -59,7 +59,8 @@ def _dicom_to_array(data: bytes) -> np.ndarray:
     return pixels
 
 
-def _check_dimensions(width: int, height: int) -> None:
+def check_dimensions(width: int, height: int) -> None:
+    """Refuse sizes outside ``MIN_SIDE`` .. ``MAX_PIXELS`` (from the header, before any pixel is decoded)."""
     if width * height > MAX_PIXELS:
         raise ImageError(
             f"image is {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (refused before decoding)"
@@ -119,7 +120,7 @@ def decode_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
             raise ImageError(f"image too large: {error}") from error
         except Exception as error:
             raise ImageError("not a recognised image (JPEG, PNG or DICOM expected)") from error
-        _check_dimensions(*image.size)
+        check_dimensions(*image.size)
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale: same result after resizing, far less work.
             image.draft(image.mode, (image_size, image_size))

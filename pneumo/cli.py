@@ -28,6 +28,8 @@ from pneumo.config import (
     TuneConfig,
     parse_configs,
 )
+from pneumo.errors import PneumoError
+from pneumo.preprocessing import ImageError
 
 # The notebook's settings for its own models: 64x64 RGB, RMSprop, batch 64, up to 50 epochs.
 _NOTEBOOK = {
@@ -67,8 +69,9 @@ def _function(name: str) -> Callable[..., Any]:
 def main(name: str, argv: list[str] | None = None) -> Any:
     """Run entry point ``name`` with parameters from the command line.
 
-    Failures the user can fix (missing data, no network for a download, bad parameters) end the
-    process with exit status 1 and a one-line message instead of a traceback.
+    The project's own errors (missing data, no network for a download, an unusable parameter)
+    end the process with exit status 1 and their one-line message; any other error keeps its
+    traceback.
 
     Args:
         name: A key of :data:`ENTRY_POINTS`.
@@ -83,12 +86,9 @@ def main(name: str, argv: list[str] | None = None) -> Any:
     function = _function(name)
     description = (function.__doc__ or name).strip().splitlines()[0]
     configs = parse_configs(description, *config_types, defaults=defaults, argv=argv)
-    from pneumo.data import DataError
-
     try:
         return function(*configs)
-    except (DataError, FileNotFoundError, ValueError, RuntimeError) as error:
-        logging.getLogger("pneumo").debug("failure", exc_info=True)
+    except (PneumoError, ImageError) as error:  # ImageError, the decoder's, is a ValueError of its own
         sys.exit(f"error: {error}")
 
 

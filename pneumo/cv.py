@@ -22,9 +22,9 @@ from pathlib import Path
 
 import keras
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import mlflow
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from scikeras.wrappers import KerasClassifier
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedGroupKFold, cross_validate
@@ -33,7 +33,7 @@ from sklearn.utils import ClassifierTags
 from pneumo import evaluation as ev
 from pneumo import models, pipeline, tracking, training
 from pneumo.config import CVConfig, DataConfig, TrainConfig
-from pneumo.data import DataError
+from pneumo.errors import DataError
 
 log = logging.getLogger(__name__)
 SCORING = {"accuracy": "accuracy", "roc_auc": "roc_auc"}

@@ -22,6 +22,7 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumo import CLASS_NAMES
+from pneumo.errors import DataError
 from pneumo.preprocessing import ImageError, check_dimensions
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ _PATIENT_PATTERNS = [
     re.compile(r"^(NORMAL2-IM-\d+)(?:-\d+)+$", re.IGNORECASE),
     re.compile(r"^(IM-\d+)(?:-\d+)+$", re.IGNORECASE),
 ]
-
-
-class DataError(RuntimeError):
-    """Raised when the data cannot be found, downloaded or split; the message says what to do."""
 
 
 def patient_id(file_name: str) -> str:

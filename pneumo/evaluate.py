@@ -30,7 +30,8 @@ from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay, roc_auc_sco
 from pneumo import CLASS_NAMES, gradcam, pipeline, registry, serving, tracking
 from pneumo import evaluation as ev
 from pneumo.config import DataConfig, EvalConfig
-from pneumo.data import DataError, read_manifest, split_frame
+from pneumo.data import read_manifest, split_frame
+from pneumo.errors import ConfigError, DataError
 from pneumo.preprocessing import decode_file
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def default_model_uri() -> str:
     """URI of the model of the newest finished ``aug_cnn`` run in the active experiment.
 
     Raises:
-        ValueError: There is no such run.
+        ConfigError: There is no such run.
     """
     runs = mlflow.search_runs(
         filter_string=f"tags.`{tracking.ENTRY_POINT_TAG}` = 'aug_cnn' and attributes.status = 'FINISHED'",
@@ -54,7 +55,7 @@ def default_model_uri() -> str:
         output_format="list",
     )
     if not runs:
-        raise ValueError(
+        raise ConfigError(
             "no finished aug_cnn run in the active experiment to evaluate; train one "
             "(mlflow run . -e aug_cnn) or pass model_uri=runs:/<run id>/model or models:/<name>@<alias>"
         )
@@ -360,7 +361,7 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
 
     Raises:
         DataError: The split is empty or lacks a class.
-        ValueError: No model to evaluate.
+        ConfigError: No model to evaluate.
     """
     model_uri = config.model_uri or default_model_uri()
     trained = serving.load_trained_model(model_uri)

@@ -23,6 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pneumo.errors import PneumoError
+
 _CONV_TYPES = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
 # Layers that act on each position of a conv output without mixing positions or changing the grid.
 _POINTWISE_TYPES = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation, keras.layers.LeakyReLU)
@@ -32,7 +34,7 @@ _POINTWISE_TYPES = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.la
 MIN_GRID = 7
 
 
-class GradCamUnavailable(ValueError):
+class GradCamUnavailable(PneumoError, ValueError):
     """Raised when a model has no convolutional feature map to explain; the message says why."""
 
 

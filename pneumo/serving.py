@@ -30,6 +30,7 @@ from mlflow.types import ColSpec, Schema
 
 from pneumo import CLASS_NAMES
 from pneumo.config import json_text
+from pneumo.errors import ConfigError
 from pneumo.preprocessing import ImageError, decode_image
 
 IMAGE_COLUMN = "image"
@@ -220,14 +221,16 @@ def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedMo
 
     Raises:
         MlflowException: The URI cannot be resolved.
-        ValueError: The URI does not point at a pneumo model.
+        ConfigError: The URI does not point at a pneumo model.
     """
     with tempfile.TemporaryDirectory() as folder:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path or folder))
         mlmodel = Model.load(str(local))
         artifacts = mlmodel.flavors.get("python_function", {}).get("artifacts", {})
         if MODEL_ARTIFACT not in artifacts or CONFIG_ARTIFACT not in artifacts:
-            raise ValueError(f"{model_uri} is not a pneumo model (no '{MODEL_ARTIFACT}'/'{CONFIG_ARTIFACT}' artifacts)")
+            raise ConfigError(
+                f"{model_uri} is not a pneumo model (no '{MODEL_ARTIFACT}'/'{CONFIG_ARTIFACT}' artifacts)"
+            )
         config = json.loads((local / artifacts[CONFIG_ARTIFACT]["path"]).read_text())
         model = load_keras_model(local / artifacts[MODEL_ARTIFACT]["path"])
     return TrainedModel(model, config, model_uri, mlmodel.run_id or config.get("run_id"), mlmodel.model_id)

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pneumo import data as data_lib
 from pneumo.config import DataConfig, flatten, json_text
+from pneumo.errors import DataError
 from pneumo.evaluation import plot_class_distribution
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def resolve_manifest(config: DataConfig, context: str = "training") -> tuple[pd.
         try:
             manifest, meta = _manifest_from_run(config.manifest)
         except Exception as error:
-            raise data_lib.DataError(
+            raise DataError(
                 f"manifest {config.manifest!r} is neither a CSV file nor a prepare run id with a "
                 f"{MANIFEST_ARTIFACT} artifact ({error})"
             ) from error

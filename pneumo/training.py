@@ -22,9 +22,8 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pneumo import CLASS_NAMES
+from pneumo import CLASS_NAMES, pipeline, serving, tracking
 from pneumo import evaluation as ev
-from pneumo import pipeline, serving, tracking
 from pneumo.augmentation import build_augmenter
 from pneumo.config import AugmentConfig, DataConfig, TrainConfig
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from pneumo import models, tracking
 from pneumo.config import DataConfig, ResNetConfig, TrainConfig, replace_fields
+from pneumo.errors import ConfigError
 from pneumo.pipeline import ImageSet
 from pneumo.training import (
     TrainResult,
@@ -45,6 +46,19 @@ def extract_features(base: keras.Model, data: ImageSet, batch_size: int = 64) ->
     return ImageSet(features, data.labels, data.frame)
 
 
+def resnet_base(data: DataConfig, resnet: ResNetConfig) -> keras.Model:
+    """The frozen base for ``resnet.weights``; weights that cannot be had are the user's to fix.
+
+    Raises:
+        ConfigError: The ImageNet download failed (offline) or the weights file does not exist;
+            :func:`pneumo.models.build_resnet_base` raises these as RuntimeError and FileNotFoundError.
+    """
+    try:
+        return models.build_resnet_base(data.image_size, data.channels, resnet.weights)
+    except (RuntimeError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+
+
 def fine_tune(
     model: keras.Model,
     train_set: ImageSet,
@@ -67,12 +81,12 @@ def fine_tune(
 def run_resnet(data: DataConfig, train: TrainConfig, resnet: ResNetConfig) -> str:
     """Entry point ``resnet``: ResNet50 features, a trained head, optional fine-tuning; returns the run id."""
     if data.channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {data.channels}")
+        raise ConfigError(f"channels must be 1 or 3, got {data.channels}")
     configs = {"data": data, "train": train, "resnet": resnet}
     with tracking.start_run("resnet", data, train, resnet) as run:
         keras.utils.set_random_seed(data.seed)
         mlflow.log_param("dtype_policy", set_precision(train.precision))
-        base = models.build_resnet_base(data.image_size, data.channels, resnet.weights)
+        base = resnet_base(data, resnet)
         data_dir, train_set, val_set = load_splits(data)
 
         started = time.perf_counter()

@@ -37,6 +37,7 @@ from sklearn.metrics import log_loss
 
 from pneumo import models, pipeline, tracking
 from pneumo.config import AugmentConfig, CNNConfig, DataConfig, TrainConfig, TuneConfig, replace_fields
+from pneumo.errors import ConfigError
 from pneumo.training import load_splits, train_model
 
 log = logging.getLogger(__name__)
@@ -116,24 +117,24 @@ def validate(tune: TuneConfig) -> None:
     """Reject inconsistent search settings before any study or run is created.
 
     Raises:
-        ValueError: Naming the offending field.
+        ConfigError: Naming the offending field.
     """
     if tune.objective not in _OBJECTIVES:
-        raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)}, got {tune.objective!r}")
+        raise ConfigError(f"objective must be one of {sorted(_OBJECTIVES)}, got {tune.objective!r}")
     if tune.pruner not in ("median", "threshold", "none"):
-        raise ValueError(f"pruner must be 'median', 'threshold' or 'none', got {tune.pruner!r}")
+        raise ConfigError(f"pruner must be 'median', 'threshold' or 'none', got {tune.pruner!r}")
     if tune.n_trials < 1:
-        raise ValueError(f"n_trials must be at least 1, got {tune.n_trials}")
+        raise ConfigError(f"n_trials must be at least 1, got {tune.n_trials}")
     if not 0 < tune.lr_low <= tune.lr_high:
-        raise ValueError(f"need 0 < lr_low <= lr_high, got {tune.lr_low} and {tune.lr_high}")
+        raise ConfigError(f"need 0 < lr_low <= lr_high, got {tune.lr_low} and {tune.lr_high}")
     if not 0 <= tune.brightness_max < 1:
-        raise ValueError(f"brightness_max must be in [0, 1), got {tune.brightness_max}")
+        raise ConfigError(f"brightness_max must be in [0, 1), got {tune.brightness_max}")
     maxima = ("rotation_max", "shift_max", "zoom_max", "contrast_max", "gamma_max", "dropout_max")
     negative = [name for name in maxima if getattr(tune, name) < 0]
     if negative:
-        raise ValueError(f"search bounds must not be negative: {negative}")
+        raise ConfigError(f"search bounds must not be negative: {negative}")
     if not 0 <= tune.dropout_max < 1:
-        raise ValueError(f"dropout_max must be in [0, 1), got {tune.dropout_max}")
+        raise ConfigError(f"dropout_max must be in [0, 1), got {tune.dropout_max}")
     if tune.search_batch_and_dropout:
         batch_sizes(tune)
 
@@ -145,7 +146,7 @@ def batch_sizes(tune: TuneConfig) -> list[int]:
     except ValueError:
         sizes = []
     if not sizes or sizes[0] < 1:
-        raise ValueError(f"batch_sizes must be comma-separated positive integers, got {tune.batch_sizes!r}")
+        raise ConfigError(f"batch_sizes must be comma-separated positive integers, got {tune.batch_sizes!r}")
     return sizes
 
 
@@ -207,12 +208,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         url: SQLAlchemy database URL.
 
     Raises:
-        ValueError: The URL cannot be parsed.
+        ConfigError: The URL cannot be parsed.
     """
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError as error:
-        raise ValueError(f"storage {url!r} is not a database URL: {error}") from error
+        raise ConfigError(f"storage {url!r} is not a database URL: {error}") from error
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -261,7 +262,7 @@ def open_study(tune: TuneConfig, seed: int) -> optuna.Study:
     """Create the study, or load it when it exists (resume, or join other workers).
 
     Raises:
-        ValueError: The existing study optimises in the other direction (another objective).
+        ConfigError: The existing study optimises in the other direction (another objective).
     """
     direction = _OBJECTIVES[tune.objective]
     study = optuna.create_study(
@@ -273,7 +274,7 @@ def open_study(tune: TuneConfig, seed: int) -> optuna.Study:
         load_if_exists=True,
     )
     if study.direction.name.lower() != direction:
-        raise ValueError(
+        raise ConfigError(
             f"study {tune.study_name!r} in {masked(tune.storage)} is set to {study.direction.name.lower()}, "
             f"but objective {tune.objective!r} must {direction}; choose another study_name"
         )

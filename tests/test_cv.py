@@ -16,7 +16,8 @@ from sklearn.utils import get_tags
 from pneumo import pipeline
 from pneumo.config import CVConfig, DataConfig, TrainConfig
 from pneumo.cv import SCORING, BinaryKerasClassifier, cv_arrays, fold_splits, make_estimator
-from pneumo.data import DataError, discover
+from pneumo.data import discover
+from pneumo.errors import DataError
 
 DATA = DataConfig(image_size=24, channels=3, seed=11)
 TRAIN = TrainConfig(batch_size=16, epochs=3, optimizer="rmsprop", cosine_decay=False, precision="float32")

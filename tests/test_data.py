@@ -18,7 +18,6 @@ from conftest import SHARED_DATA
 from pneumo import CLASS_NAMES
 from pneumo.data import (
     MANIFEST_COLUMNS,
-    DataError,
     build_manifest,
     discover,
     grouped_split,
@@ -28,6 +27,7 @@ from pneumo.data import (
     resolve_data_dir,
     split_frame,
 )
+from pneumo.errors import DataError
 from pneumo.preprocessing import ImageError, decode_file, decode_image
 
 

@@ -13,7 +13,6 @@ import importlib
 import logging
 import os
 import sys
-import typing
 from typing import Any, Callable
 
 from pneumo.config import (
@@ -26,6 +25,7 @@ from pneumo.config import (
     ResNetConfig,
     TrainConfig,
     TuneConfig,
+    field_type,
     parse_configs,
 )
 from pneumo.errors import PneumoError
@@ -93,6 +93,7 @@ def main(name: str, argv: list[str] | None = None) -> Any:
 
 
 def _mlproject_type(kind: type) -> str:
+    # MLproject's "float" carries integers too; booleans travel as text ("true"/"false").
     return {int: "float", float: "float", bool: "string", str: "string"}[kind]
 
 
@@ -110,13 +111,13 @@ def render_mlproject() -> str:
         lines += [f"  {name}:", "    parameters:"]
         flags = []
         for config_type in config_types:
-            hints = typing.get_type_hints(config_type)
             for f in dataclasses.fields(config_type):
                 default = defaults.get(f.name, f.default)
-                kind = hints[f.name]
-                text = str(default).lower() if kind is bool else repr(default) if kind is str else str(default)
+                kind = field_type(config_type, f)
                 if kind is str:
                     text = '"' + str(default).replace('"', '\\"') + '"'
+                else:
+                    text = str(default).lower() if kind is bool else str(default)
                 lines.append(f"      {f.name}: {{type: {_mlproject_type(kind)}, default: {text}}}")
                 flags.append(f"--{f.name} {{{f.name}}}")
         lines.append(f'    command: "python -m entrypoints.{name} {" ".join(flags)}"')

@@ -2,8 +2,12 @@
 
 Each entry point is described by a handful of dataclasses. The command-line parser is built
 from their fields (so MLproject parameter names, argparse flags and MLflow params can never
-drift apart), every field is logged as an MLflow param, and the whole set is saved next to
-the model as ``config.json``.
+drift apart), every field is logged as an MLflow param, and the whole set is saved with the
+model in ``model_config.json``.
+
+A field with a fixed set of values is typed ``Literal[...]``: the dataclass refuses any other
+value when it is created, and the generated parser offers exactly those choices, so a typo fails
+at parse time and ``--help`` lists them.
 """
 
 from __future__ import annotations
@@ -14,11 +18,34 @@ import json
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pneumo.errors import ConfigError
+
+# Validation metrics that steer early stopping, checkpoints and tuning, and whether higher is better.
+Monitor = Literal["val_auc", "val_loss"]
+HIGHER_IS_BETTER: dict[str, bool] = {"val_auc": True, "val_loss": False}
+
+
+def choices(kind: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` field type, or None for any other type."""
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+
+
+class _Checked:
+    """Base of the config dataclasses: ``Literal`` fields must hold one of their values."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            allowed = choices(hints[f.name])
+            value = getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{f.name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     """Where the images are and how they are turned into model inputs."""
 
     # Folder in the Kaggle layout {train,val,test}/{NORMAL,PNEUMONIA}. Empty: $PNEUMO_DATA_DIR,
@@ -30,12 +57,12 @@ class DataConfig:
     # Side of the square model input in pixels; the notebook's 64 threw away detail.
     image_size: int = 128
     # 1 = grayscale (X-rays carry no colour), 3 = RGB (needed by ImageNet backbones).
-    channels: int = 1
+    channels: Literal[1, 3] = 1
     # Fraction of training patients held out for validation (model and threshold selection).
     val_fraction: float = 0.1
     # "grouped": validation carved from train, stratified and grouped by patient.
     # "notebook": the seed notebook's 100 random test images (without moving any file).
-    val_scheme: str = "grouped"
+    val_scheme: Literal["grouped", "notebook"] = "grouped"
     # Cap on images per class and split (whole patients are kept together); 0 = all.
     # For smoke runs and tests only.
     limit_per_class: int = 0
@@ -46,7 +73,7 @@ class DataConfig:
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(_Checked):
     """Training-time augmentation ranges (searched by `tune`). Never applied at prediction."""
 
     # Maximum rotation in degrees (notebook: 15).
@@ -69,23 +96,22 @@ class AugmentConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
     """Optimisation settings shared by the Keras training entry points."""
 
     batch_size: int = 32
     # Upper bound; early stopping usually ends sooner.
     epochs: int = 16
     learning_rate: float = 1e-3
-    # "adam", "adamw", "rmsprop" or "sgd".
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
     # Epochs without improvement of `monitor` before stopping (best weights restored).
     patience: int = 5
-    # "val_auc" or "val_loss".
-    monitor: str = "val_auc"
-    # "oversample" (imbalanced-learn RandomOverSampler), "class_weight" or "none".
-    balance: str = "oversample"
-    # "auto": bfloat16 compute where the CPU/GPU supports it, else float32; or "float32".
-    precision: str = "auto"
+    # Validation ROC AUC (maximised) or loss (minimised).
+    monitor: Monitor = "val_auc"
+    # "oversample": imbalanced-learn's RandomOverSampler; "class_weight": weighted loss; "none".
+    balance: Literal["oversample", "class_weight", "none"] = "oversample"
+    # "auto": bfloat16 compute where the CPU/GPU supports it, else float32; or force one.
+    precision: Literal["auto", "float32", "mixed_bfloat16"] = "auto"
     # Sensitivity the operating threshold must reach on validation.
     target_sensitivity: float = 0.97
     # Cosine decay of the learning rate over the planned epochs.
@@ -93,7 +119,7 @@ class TrainConfig:
 
 
 @dataclass
-class DenseConfig:
+class DenseConfig(_Checked):
     """The notebook's dense baseline (flattened pixels, Dense 32 -> 8 -> 1)."""
 
     # L2 factor on the first Dense layer (the notebook's "L2 baseline" used 0.01).
@@ -101,7 +127,7 @@ class DenseConfig:
 
 
 @dataclass
-class CVConfig:
+class CVConfig(_Checked):
     """K-fold cross-validation of the L2 dense baseline through SciKeras."""
 
     # Folds of the training split, grouped by patient and stratified by class.
@@ -111,7 +137,7 @@ class CVConfig:
 
 
 @dataclass
-class CNNConfig:
+class CNNConfig(_Checked):
     """Convolutional network settings."""
 
     # Channels of the first block; each later block doubles it (aug_cnn).
@@ -119,17 +145,17 @@ class CNNConfig:
     # Dropout before the classifier.
     dropout: float = 0.3
     # "per_image": zero mean, unit variance per image (robust to exposure); "rescale": /255.
-    normalization: str = "per_image"
+    normalization: Literal["per_image", "rescale"] = "per_image"
 
 
 @dataclass
-class ResNetConfig:
+class ResNetConfig(_Checked):
     """Frozen ImageNet ResNet50 with a small head, optionally fine-tuned."""
 
     # "imagenet" (downloaded by Keras), "none" (random init) or a path to a weights file.
     weights: str = "imagenet"
-    # "avg" (global average pooling) or "flatten".
-    pooling: str = "avg"
+    # Global average pooling or flattening of the last feature map.
+    pooling: Literal["avg", "flatten"] = "avg"
     dropout: float = 0.3
     # Epochs of a second stage that unfreezes the last block (BatchNorm stays frozen); 0 = off.
     fine_tune_epochs: int = 0
@@ -137,14 +163,14 @@ class ResNetConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Checked):
     """Evaluation and registration of a trained model."""
 
     # runs:/<id>/model or models:/<name>@<alias>; empty = the model of the newest finished
     # aug_cnn run in the active experiment. Its image_size and channels override DataConfig's.
     model_uri: str = ""
-    # Split of the manifest to evaluate: "test", "val" or "train".
-    split: str = "test"
+    # Split of the manifest to evaluate.
+    split: Literal["test", "val", "train"] = "test"
     # Decision threshold; a negative value means the one chosen on validation and stored with the model.
     threshold: float = -1.0
     # Register the model; it becomes "champion" only if its validation ROC AUC beats the current
@@ -156,7 +182,7 @@ class EvalConfig:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(_Checked):
     """Optuna search over the learning rate and the augmentation ranges of ``aug_cnn``."""
 
     # Finished (complete or pruned) trials the study should hold in total, counted over every
@@ -168,9 +194,9 @@ class TuneConfig:
     # Optuna storage, any SQLAlchemy URL (e.g. postgresql://user:pw@host/db for workers on
     # several machines; the password is masked in MLflow). Resumed when the study exists.
     storage: str = "sqlite:///outputs/optuna.db"
-    # "val_auc" (validation ROC AUC, maximised) or "val_loss" (validation cross-entropy,
-    # minimised). Also each trial's early-stopping and checkpoint monitor.
-    objective: str = "val_auc"
+    # Validation ROC AUC (maximised) or cross-entropy (minimised). Also each trial's early-stopping
+    # and checkpoint monitor.
+    objective: Monitor = "val_auc"
     # Learning rate, searched log-uniformly between these.
     lr_low: float = 1e-4
     lr_high: float = 3e-3
@@ -189,7 +215,7 @@ class TuneConfig:
     # "median": stop a trial whose per-epoch value is worse than the median of earlier trials at
     # that epoch; "threshold": stop it when worse than prune_threshold (a floor for val_auc, a
     # ceiling for val_loss); "none". A diverging loss (NaN/inf) always stops a trial as pruned.
-    pruner: str = "median"
+    pruner: Literal["median", "threshold", "none"] = "median"
     # Trials that must finish before the median pruner acts; epochs every trial runs unpruned.
     pruner_startup_trials: int = 3
     pruner_warmup_epochs: int = 2
@@ -197,6 +223,33 @@ class TuneConfig:
     # Retrain with the best parameters in a nested run logged exactly like an aug_cnn run (model
     # included).
     retrain_best: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_trials < 1:
+            raise ConfigError(f"n_trials must be at least 1, got {self.n_trials}")
+        if not 0 < self.lr_low <= self.lr_high:
+            raise ConfigError(f"need 0 < lr_low <= lr_high, got {self.lr_low} and {self.lr_high}")
+        if not 0 <= self.brightness_max < 1:
+            raise ConfigError(f"brightness_max must be in [0, 1), got {self.brightness_max}")
+        maxima = ("rotation_max", "shift_max", "zoom_max", "contrast_max", "gamma_max", "dropout_max")
+        negative = [name for name in maxima if getattr(self, name) < 0]
+        if negative:
+            raise ConfigError(f"search bounds must not be negative: {negative}")
+        if not 0 <= self.dropout_max < 1:
+            raise ConfigError(f"dropout_max must be in [0, 1), got {self.dropout_max}")
+        if self.search_batch_and_dropout:
+            self.batch_size_choices()
+
+    def batch_size_choices(self) -> list[int]:
+        """The candidate batch sizes of ``batch_sizes`` (comma-separated positive integers)."""
+        try:
+            sizes = sorted({int(part) for part in self.batch_sizes.split(",") if part.strip()})
+        except ValueError:
+            sizes = []
+        if not sizes or sizes[0] < 1:
+            raise ConfigError(f"batch_sizes must be comma-separated positive integers, got {self.batch_sizes!r}")
+        return sizes
 
 
 def _parse_bool(text: str) -> bool:
@@ -208,8 +261,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _field_type(owner: type, f: dataclasses.Field) -> type:
-    return typing.get_type_hints(owner)[f.name]
+def field_type(owner: type, f: dataclasses.Field) -> type:
+    """The Python type of a field's values: ``int`` for ``Literal[1, 3]``, ``str`` for ``Literal["a"]``."""
+    kind = typing.get_type_hints(owner)[f.name]
+    allowed = choices(kind)
+    return type(allowed[0]) if allowed else kind
 
 
 def build_parser(
@@ -233,10 +289,16 @@ def build_parser(
             if f.name in seen:
                 raise ValueError(f"parameter {f.name!r} is defined twice")
             seen.add(f.name)
-            kind = _field_type(config_type, f)
-            converter = _parse_bool if kind is bool else kind
+            kind = field_type(config_type, f)
+            allowed = choices(typing.get_type_hints(config_type)[f.name])
             default = (defaults or {}).get(f.name, f.default)
-            group.add_argument(f"--{f.name}", type=converter, default=default, metavar=kind.__name__.upper())
+            group.add_argument(
+                f"--{f.name}",
+                type=_parse_bool if kind is bool else kind,
+                default=default,
+                choices=allowed,
+                metavar=None if allowed else kind.__name__.upper(),
+            )
     unknown = set(defaults or {}) - seen
     if unknown:
         raise ValueError(f"defaults for unknown parameters {sorted(unknown)}")
@@ -255,13 +317,18 @@ def parse_configs(
         argv: Arguments; ``None`` reads ``sys.argv``.
 
     Returns:
-        Instances in the order of ``config_types``.
+        Instances in the order of ``config_types``. A value the dataclass refuses (e.g. an
+        impossible range) is a parse error, like a value that is not one of the choices.
     """
-    namespace = vars(build_parser(description, *config_types, defaults=defaults).parse_args(argv))
-    return [
-        config_type(**{f.name: namespace[f.name] for f in dataclasses.fields(config_type)})
-        for config_type in config_types
-    ]
+    parser = build_parser(description, *config_types, defaults=defaults)
+    namespace = vars(parser.parse_args(argv))
+    try:
+        return [
+            config_type(**{f.name: namespace[f.name] for f in dataclasses.fields(config_type)})
+            for config_type in config_types
+        ]
+    except ConfigError as error:
+        parser.error(str(error))
 
 
 def flatten(*configs: Any) -> dict[str, Any]:
@@ -290,9 +357,30 @@ def json_text(payload: Any) -> str:
 
 
 def replace_fields(config: Any, **changes: Any) -> Any:
-    """Return a copy of a dataclass with the given fields changed (unknown names ignored)."""
-    names = {f.name for f in dataclasses.fields(config)}
-    return dataclasses.replace(config, **{k: v for k, v in changes.items() if k in names})
+    """Return a copy of a dataclass with the given fields changed.
+
+    Raises:
+        ConfigError: A name is not a field of ``config`` (a misspelt name would otherwise do nothing).
+    """
+    unknown = set(changes) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise ConfigError(f"{type(config).__name__} has no field(s) {sorted(unknown)}")
+    return dataclasses.replace(config, **changes)
+
+
+def replace_across(changes: dict[str, Any], *configs: Any) -> tuple[Any, ...]:
+    """Copies of several dataclasses, each with the changes that name one of its fields.
+
+    Raises:
+        ConfigError: A name is a field of none of them.
+    """
+    names = [{f.name for f in dataclasses.fields(config)} for config in configs]
+    unknown = set(changes) - set().union(*names)
+    if unknown:
+        raise ConfigError(f"no field(s) {sorted(unknown)} in {[type(c).__name__ for c in configs]}")
+    return tuple(
+        replace_fields(config, **{k: v for k, v in changes.items() if k in own}) for config, own in zip(configs, names)
+    )
 
 
 __all__ = [
@@ -308,6 +396,7 @@ __all__ = [
     "build_parser",
     "flatten",
     "parse_configs",
+    "replace_across",
     "replace_fields",
     "json_text",
 ]

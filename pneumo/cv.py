@@ -103,8 +103,6 @@ def make_estimator(data: DataConfig, train: TrainConfig, cv: CVConfig) -> Binary
     Returns:
         An unfitted :class:`BinaryKerasClassifier`.
     """
-    if train.balance not in ("oversample", "class_weight", "none"):
-        raise ValueError(f"balance must be 'oversample', 'class_weight' or 'none', got {train.balance!r}")
     return BinaryKerasClassifier(
         model=functools.partial(_build_compiled, data=data, train=train, l2=cv.l2),
         oversample=train.balance == "oversample",

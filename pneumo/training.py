@@ -25,7 +25,7 @@ import tensorflow as tf
 from pneumo import CLASS_NAMES, pipeline, serving, tracking
 from pneumo import evaluation as ev
 from pneumo.augmentation import build_augmenter
-from pneumo.config import AugmentConfig, DataConfig, TrainConfig
+from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def fit(
         train_set, config.batch_size, config.epochs, seed, config.balance == "oversample", augmenter
     )
     compile_model(model, make_optimizer(config, steps))
-    mode = "max" if "auc" in config.monitor else "min"
+    mode = "max" if HIGHER_IS_BETTER[config.monitor] else "min"
     callbacks = [
         keras.callbacks.EarlyStopping(config.monitor, mode=mode, patience=config.patience, restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=config.monitor, mode=mode, save_best_only=True),

@@ -80,8 +80,6 @@ def fine_tune(
 
 def run_resnet(data: DataConfig, train: TrainConfig, resnet: ResNetConfig) -> str:
     """Entry point ``resnet``: ResNet50 features, a trained head, optional fine-tuning; returns the run id."""
-    if data.channels not in (1, 3):
-        raise ConfigError(f"channels must be 1 or 3, got {data.channels}")
     configs = {"data": data, "train": train, "resnet": resnet}
     with tracking.start_run("resnet", data, train, resnet) as run:
         keras.utils.set_random_seed(data.seed)

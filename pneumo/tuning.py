@@ -36,7 +36,16 @@ from optuna_integration import KerasPruningCallback
 from sklearn.metrics import log_loss
 
 from pneumo import models, pipeline, tracking
-from pneumo.config import AugmentConfig, CNNConfig, DataConfig, TrainConfig, TuneConfig, replace_fields
+from pneumo.config import (
+    HIGHER_IS_BETTER,
+    AugmentConfig,
+    CNNConfig,
+    DataConfig,
+    TrainConfig,
+    TuneConfig,
+    replace_across,
+    replace_fields,
+)
 from pneumo.errors import ConfigError
 from pneumo.training import load_splits, train_model
 
@@ -47,7 +56,6 @@ STATE_TAG = "optuna.trial_state"
 NUMBER_TAG = "optuna.trial_number"
 STUDY_TAG = "optuna.study_name"
 RUN_ID_ATTR = "mlflow_run_id"
-_OBJECTIVES = {"val_auc": "maximize", "val_loss": "minimize"}
 # Trials that hold a place in the study's n_trials budget.
 _CLAIMING = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 # A worker killed without cleanup leaves a RUNNING trial; its heartbeat stops and after the
@@ -113,43 +121,6 @@ class TrialSeededTPESampler(optuna.samplers.BaseSampler):
         self._tpe.reseed_rng()
 
 
-def validate(tune: TuneConfig) -> None:
-    """Reject inconsistent search settings before any study or run is created.
-
-    Raises:
-        ConfigError: Naming the offending field.
-    """
-    if tune.objective not in _OBJECTIVES:
-        raise ConfigError(f"objective must be one of {sorted(_OBJECTIVES)}, got {tune.objective!r}")
-    if tune.pruner not in ("median", "threshold", "none"):
-        raise ConfigError(f"pruner must be 'median', 'threshold' or 'none', got {tune.pruner!r}")
-    if tune.n_trials < 1:
-        raise ConfigError(f"n_trials must be at least 1, got {tune.n_trials}")
-    if not 0 < tune.lr_low <= tune.lr_high:
-        raise ConfigError(f"need 0 < lr_low <= lr_high, got {tune.lr_low} and {tune.lr_high}")
-    if not 0 <= tune.brightness_max < 1:
-        raise ConfigError(f"brightness_max must be in [0, 1), got {tune.brightness_max}")
-    maxima = ("rotation_max", "shift_max", "zoom_max", "contrast_max", "gamma_max", "dropout_max")
-    negative = [name for name in maxima if getattr(tune, name) < 0]
-    if negative:
-        raise ConfigError(f"search bounds must not be negative: {negative}")
-    if not 0 <= tune.dropout_max < 1:
-        raise ConfigError(f"dropout_max must be in [0, 1), got {tune.dropout_max}")
-    if tune.search_batch_and_dropout:
-        batch_sizes(tune)
-
-
-def batch_sizes(tune: TuneConfig) -> list[int]:
-    """The candidate batch sizes of ``tune.batch_sizes`` (comma-separated positive integers)."""
-    try:
-        sizes = sorted({int(part) for part in tune.batch_sizes.split(",") if part.strip()})
-    except ValueError:
-        sizes = []
-    if not sizes or sizes[0] < 1:
-        raise ConfigError(f"batch_sizes must be comma-separated positive integers, got {tune.batch_sizes!r}")
-    return sizes
-
-
 def suggest(trial: optuna.Trial, tune: TuneConfig) -> dict[str, Any]:
     """Draw one point of the search space; names are the config fields they set.
 
@@ -172,7 +143,7 @@ def suggest(trial: optuna.Trial, tune: TuneConfig) -> dict[str, Any]:
         "gamma": trial.suggest_float("gamma", 0.0, tune.gamma_max),
     }
     if tune.search_batch_and_dropout:
-        params["batch_size"] = trial.suggest_categorical("batch_size", batch_sizes(tune))
+        params["batch_size"] = trial.suggest_categorical("batch_size", tune.batch_size_choices())
         params["dropout"] = trial.suggest_float("dropout", 0.0, tune.dropout_max)
     return params
 
@@ -184,12 +155,12 @@ def trial_configs(
 
     Early stopping and checkpointing follow the objective, so the weights a trial keeps are the
     ones its value is measured on.
+
+    Raises:
+        ConfigError: A parameter name is a field of none of the configs.
     """
-    return (
-        replace_fields(train, monitor=tune.objective, **params),
-        replace_fields(augment, **params),
-        replace_fields(cnn, **params),
-    )
+    train, augment, cnn = replace_across(params, train, augment, cnn)
+    return replace_fields(train, monitor=tune.objective), augment, cnn
 
 
 def objective_value(
@@ -253,7 +224,7 @@ def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
             n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=tune.pruner_warmup_epochs
         )
     if tune.pruner == "threshold":
-        bound = {"lower": tune.prune_threshold} if tune.objective == "val_auc" else {"upper": tune.prune_threshold}
+        bound = {"lower" if HIGHER_IS_BETTER[tune.objective] else "upper": tune.prune_threshold}
         return optuna.pruners.ThresholdPruner(**bound, n_warmup_steps=tune.pruner_warmup_epochs)
     return optuna.pruners.NopPruner()
 
@@ -264,7 +235,7 @@ def open_study(tune: TuneConfig, seed: int) -> optuna.Study:
     Raises:
         ConfigError: The existing study optimises in the other direction (another objective).
     """
-    direction = _OBJECTIVES[tune.objective]
+    direction = "maximize" if HIGHER_IS_BETTER[tune.objective] else "minimize"
     study = optuna.create_study(
         study_name=tune.study_name,
         storage=open_storage(tune.storage),
@@ -547,7 +518,6 @@ def run_tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: 
     Returns:
         The id of the parent MLflow run.
     """
-    validate(tune)
     logged_tune = dataclasses.replace(tune, storage=masked(tune.storage))
     with tracking.start_run("tune", data, train, augment, cnn, logged_tune) as parent:
         study = open_study(tune, data.seed)

@@ -13,16 +13,22 @@ import yaml
 from conftest import REPO
 from pneumo.cli import ENTRY_POINTS, _function, render_mlproject
 from pneumo.config import (
+    CNNConfig,
     CVConfig,
     DataConfig,
     DenseConfig,
+    EvalConfig,
+    ResNetConfig,
     TrainConfig,
+    TuneConfig,
     build_parser,
     flatten,
     json_text,
     parse_configs,
+    replace_across,
     replace_fields,
 )
+from pneumo.errors import ConfigError
 
 CORE = ("prepare", "baseline", "cv", "cnn")
 
@@ -137,8 +143,58 @@ def test_flatten_json_and_replace():
         "cv": {"folds": 4, "l2": 0.01},
         "bad": None,
     }
-    changed = replace_fields(cv, folds=7, not_a_field=1)
+    changed = replace_fields(cv, folds=7)
     assert changed.folds == 7 and cv.folds == 4
+    # A misspelt name (e.g. an Optuna parameter) must fail, not do nothing.
+    with pytest.raises(ConfigError, match="not_a_field"):
+        replace_fields(cv, folds=7, not_a_field=1)
+    data, cv = replace_across({"seed": 1, "folds": 3}, data, cv)
+    assert (data.seed, cv.folds) == (1, 3)
+    with pytest.raises(ConfigError, match="flods"):
+        replace_across({"flods": 3}, data, cv)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: TrainConfig(balance="oversampel"), "balance"),
+        (lambda: TrainConfig(monitor="auc"), "monitor"),
+        (lambda: TrainConfig(optimizer="Adam"), "optimizer"),
+        (lambda: TrainConfig(precision="float16"), "precision"),
+        (lambda: DataConfig(channels=2), "channels"),
+        (lambda: DataConfig(val_scheme="random"), "val_scheme"),
+        (lambda: CNNConfig(normalization="none"), "normalization"),
+        (lambda: ResNetConfig(pooling="max"), "pooling"),
+        (lambda: EvalConfig(split="validation"), "split"),
+        (lambda: TuneConfig(objective="auc"), "objective"),
+        (lambda: TuneConfig(pruner="hyperband"), "pruner"),
+        (lambda: TuneConfig(lr_low=1e-2, lr_high=1e-3), "lr_low"),
+        (lambda: TuneConfig(search_batch_and_dropout=True, batch_sizes="16,big"), "batch_sizes"),
+    ],
+)
+def test_configs_refuse_values_outside_their_choices(make, field):
+    with pytest.raises(ConfigError, match=field):
+        make()
+
+
+def test_a_typo_in_a_choice_fails_at_parse_time_and_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_configs("x", TrainConfig, argv=["--balance", "oversampel"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'oversampel'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_configs("x", DataConfig, argv=["--channels", "2"])
+    with pytest.raises(SystemExit):  # refused by the dataclass, reported like a parse error
+        parse_configs("x", TuneConfig, argv=["--lr_low", "0.1", "--lr_high", "0.01"])
+    assert "lr_low" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser("x", TrainConfig).parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "{oversample,class_weight,none}" in out and "{val_auc,val_loss}" in out
+    (train,) = parse_configs("x", TrainConfig, argv=["--balance", "class_weight"])
+    assert train.balance == "class_weight"
+    (data,) = parse_configs("x", DataConfig, argv=["--channels", "3"])
+    assert data.channels == 3 and isinstance(data.channels, int)
 
 
 def test_help_describes_the_cv_entry_point(capsys):

@@ -21,17 +21,14 @@ import tempfile
 from pathlib import Path
 
 import keras
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 from scikeras.wrappers import KerasClassifier
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedGroupKFold, cross_validate
 from sklearn.utils import ClassifierTags
 
-from pneumo import evaluation as ev
-from pneumo import models, pipeline, tracking, training
+from pneumo import metrics, models, pipeline, plots, tracking, training
 from pneumo.config import CVConfig, DataConfig, TrainConfig
 from pneumo.errors import DataError
 
@@ -158,33 +155,6 @@ def fold_splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> lis
     return splits
 
 
-def _plot_folds(estimators: list[BinaryKerasClassifier], scores: dict[str, np.ndarray]) -> plt.Figure:
-    """Per-fold training loss and accuracy by epoch, and each fold's held-out scores."""
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for number, estimator in enumerate(estimators, start=1):
-        history = estimator.model_.history.history
-        epochs = np.arange(1, len(history["loss"]) + 1)
-        axes[0].plot(epochs, history["loss"], marker="o", label=f"fold {number}")
-        axes[1].plot(epochs, history["accuracy"], marker="o", label=f"fold {number}")
-    for axis, name in zip(axes[:2], ("training loss", "training accuracy")):
-        axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_title(name)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    positions = np.arange(1, len(estimators) + 1)
-    for offset, (name, values) in zip((-0.2, 0.2), scores.items()):
-        axes[2].bar(positions + offset, values, width=0.4, label=f"{name} (mean {values.mean():.3f})")
-    axes[2].set_xticks(positions)
-    axes[2].set_xlabel("fold")
-    axes[2].set_ylim(0, 1)
-    axes[2].set_title("held-out fold scores")
-    axes[2].legend(fontsize=7, loc="lower right")
-    figure.suptitle("cv: patient-grouped stratified k-fold of the L2 dense baseline")
-    figure.tight_layout()
-    return figure
-
-
 def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
     """Entry point ``cv``: k-fold cross-validation (patient-grouped, stratified) of the L2 dense net.
 
@@ -249,7 +219,7 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
             for name, values in scores.items()
             for stat, fn in (("mean", np.mean), ("std", lambda v: np.std(v, ddof=1)))
         }
-        pooled = ev.binary_metrics(y, out_of_fold, 0.5)
+        pooled = metrics.binary_metrics(y, out_of_fold, 0.5)
         summary["cv_oof_roc_auc"], summary["cv_oof_accuracy"] = pooled["roc_auc"], pooled["accuracy"]
         mlflow.log_metrics(summary)
         log.info(
@@ -262,12 +232,14 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
             summary["cv_oof_roc_auc"],
         )
         tracking.log_json({"folds": folds_report, "summary": summary}, "cv_folds.json")
-        tracking.log_figure(_plot_folds(results["estimator"], scores), "plots/cv_folds.png")
         tracking.log_figure(
-            ev.plot_confusion_matrix(y, out_of_fold, 0.5, "cv: pooled out-of-fold"),
+            plots.plot_folds([e.model_.history.history for e in results["estimator"]], scores), "plots/cv_folds.png"
+        )
+        tracking.log_figure(
+            plots.plot_confusion_matrix(y, out_of_fold, 0.5, "cv: pooled out-of-fold"),
             "plots/confusion_matrix_oof_0.5.png",
         )
-        tracking.log_json(ev.confusion_counts(y, out_of_fold, 0.5), "confusion_matrix_oof.json")
+        tracking.log_json(metrics.confusion_counts(y, out_of_fold, 0.5), "confusion_matrix_oof.json")
         tracking.log_dataframe(
             train_set.frame[["path", "patient_id", "label"]].assign(fold=fold_of, probability=out_of_fold),
             "oof_predictions.csv",

@@ -10,28 +10,21 @@ from validation ROC AUC recomputed for both models on the same validation images
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")  # headless: evaluation runs on servers
 
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
-from PIL import Image
-from sklearn.calibration import CalibrationDisplay
-from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay, roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
-from pneumo import CLASS_NAMES, gradcam, pipeline, registry, serving, tracking
-from pneumo import evaluation as ev
+from pneumo import CLASS_NAMES, gradcam, metrics, pipeline, plots, registry, serving, tracking
 from pneumo.config import DataConfig, EvalConfig
 from pneumo.data import read_manifest, split_frame
 from pneumo.errors import ConfigError, DataError
+from pneumo.metrics import confident_errors
 from pneumo.preprocessing import decode_file
 
 log = logging.getLogger(__name__)
@@ -74,117 +67,7 @@ def predict_split(
     return images, serving.predict_probabilities(trained.model, images.images)
 
 
-def plot_roc(labels: np.ndarray, probabilities: np.ndarray, threshold: float, name: str, title: str) -> plt.Figure:
-    """ROC curve (scikit-learn's display) with the operating threshold and 0.5 marked."""
-    figure, axis = plt.subplots(figsize=(5.2, 5.0))
-    RocCurveDisplay.from_predictions(labels, probabilities, name=name, ax=axis, plot_chance_level=True)
-    for value, marker, colour in ((threshold, "o", "crimson"), (0.5, "s", "dimgray")):
-        metrics = ev.binary_metrics(labels, probabilities, value)
-        axis.plot(
-            1 - metrics["specificity"],
-            metrics["sensitivity"],
-            marker,
-            color=colour,
-            markersize=9,
-            label=f"threshold {value:.3f}: sens {metrics['sensitivity']:.3f}, spec {metrics['specificity']:.3f}",
-        )
-    axis.set_xlabel("1 - specificity (false positive rate)")
-    axis.set_ylabel("sensitivity (true positive rate)")
-    axis.set_title(title)
-    axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_precision_recall(
-    labels: np.ndarray, probabilities: np.ndarray, threshold: float, name: str, title: str
-) -> plt.Figure:
-    """Precision-recall curve (scikit-learn's display) with the operating threshold and 0.5 marked."""
-    figure, axis = plt.subplots(figsize=(5.2, 5.0))
-    PrecisionRecallDisplay.from_predictions(labels, probabilities, name=name, ax=axis, plot_chance_level=True)
-    for value, marker, colour in ((threshold, "o", "crimson"), (0.5, "s", "dimgray")):
-        metrics = ev.binary_metrics(labels, probabilities, value)
-        if math.isfinite(metrics["ppv"]):
-            axis.plot(
-                metrics["sensitivity"],
-                metrics["ppv"],
-                marker,
-                color=colour,
-                markersize=9,
-                label=f"threshold {value:.3f}: recall {metrics['sensitivity']:.3f}, precision {metrics['ppv']:.3f}",
-            )
-    axis.set_xlabel("recall (sensitivity)")
-    axis.set_ylabel("precision (PPV)")
-    axis.set_title(title)
-    axis.legend(loc="lower left", fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_calibration(labels: np.ndarray, probabilities: np.ndarray, name: str, title: str) -> plt.Figure:
-    """Reliability diagram (quantile bins) above a histogram of the predicted probabilities."""
-    figure, (curve, histogram) = plt.subplots(2, 1, figsize=(5.2, 6.4), height_ratios=(3, 1.3), sharex=True)
-    # Quantile bins hold equally many images: the probabilities of a trained model crowd near 0 and 1.
-    bins = int(np.clip(len(labels) // 20, 3, 10))
-    CalibrationDisplay.from_predictions(labels, probabilities, n_bins=bins, strategy="quantile", name=name, ax=curve)
-    curve.set_title(f"{title}\nBrier score {ev.binary_metrics(labels, probabilities, 0.5)['brier']:.4f}")
-    curve.set_xlabel("")
-    for label, colour in ((0, "#4c72b0"), (1, "#dd8452")):
-        histogram.hist(
-            probabilities[labels == label],
-            bins=20,
-            range=(0, 1),
-            alpha=0.6,
-            color=colour,
-            label=ev.DISPLAY_NAMES[label],
-        )
-    histogram.set_xlabel("predicted probability of pneumonia")
-    histogram.set_ylabel("images")
-    histogram.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_threshold_sweep(labels: np.ndarray, probabilities: np.ndarray, threshold: float, title: str) -> plt.Figure:
-    """Sensitivity and specificity against the decision threshold, operating point and 0.5 marked."""
-    fpr, tpr, thresholds = roc_curve(labels, probabilities, drop_intermediate=False)
-    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first is +inf: "predict nothing positive"
-    figure, axis = plt.subplots(figsize=(6.0, 4.2))
-    axis.step(thresholds, tpr, where="post", label="sensitivity")
-    axis.step(thresholds, 1 - fpr, where="post", label="specificity")
-    axis.axvline(threshold, color="crimson", linestyle="--", label=f"operating threshold {threshold:.3f}")
-    axis.axvline(0.5, color="dimgray", linestyle=":", label="0.5")
-    axis.set_xlim(0, 1)
-    axis.set_ylim(0, 1.02)
-    axis.set_xlabel("threshold on the probability of pneumonia")
-    axis.set_ylabel("rate")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower center")
-    figure.tight_layout()
-    return figure
-
-
-def confident_errors(
-    labels: np.ndarray, probabilities: np.ndarray, threshold: float, count: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the most confident false negatives (lowest probability first) and false positives."""
-    predicted = probabilities >= threshold
-    false_negatives = np.flatnonzero((labels == 1) & ~predicted)
-    false_positives = np.flatnonzero((labels == 0) & predicted)
-    return (
-        false_negatives[np.argsort(probabilities[false_negatives], kind="stable")][:count],
-        false_positives[np.argsort(-probabilities[false_positives], kind="stable")][:count],
-    )
-
-
-def _resize(heatmap: np.ndarray, side: int) -> np.ndarray:
-    return np.asarray(
-        Image.fromarray(heatmap.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BILINEAR)
-    )
-
-
-def plot_error_gallery(
+def error_gallery(
     trained: serving.TrainedModel,
     images: pipeline.ImageSet,
     probabilities: np.ndarray,
@@ -203,57 +86,31 @@ def plot_error_gallery(
     Returns:
         The figure, and why no heatmap is shown (None when Grad-CAM was drawn).
     """
-    rows = confident_errors(images.labels, probabilities, threshold, count)
-    picked = np.concatenate(rows)
-    heatmaps: np.ndarray | None = None
-    unavailable = None
-    try:
-        layer = gradcam.target_layer(trained.model).name
-        heatmaps = gradcam.gradcam(trained.model, images.images[picked], 1)
-    except gradcam.GradCamUnavailable as error:
-        unavailable = str(error)
-        log.warning("error gallery without heatmaps: %s", error)
-    columns = max(count, 1)
-    figure, axes = plt.subplots(2, columns, figsize=(2.6 * columns, 6.2), squeeze=False)
-    position = 0
-    for row, (indices, kind) in enumerate(zip(rows, ("false negatives", "false positives"))):
-        for axis in axes[row]:
-            axis.axis("off")
-        if len(indices) == 0:
-            axes[row][0].text(0.0, 0.5, f"no {kind}\nat threshold {threshold:.3f}", fontsize=10, va="center")
-        for column, index in enumerate(indices):
-            axis = axes[row][column]
-            path = images.frame["path"].iloc[index]
-            picture = decode_file(str(data_dir / path), _GALLERY_SIDE, 1)[..., 0]
-            axis.imshow(picture, cmap="gray", vmin=0, vmax=255)
-            if heatmaps is not None:
-                heat = _resize(heatmaps[position], _GALLERY_SIDE)
-                # Opacity follows the heat, so regions that did not matter stay readable.
-                overlay = matplotlib.colormaps["jet"](heat)
-                overlay[..., 3] = 0.6 * heat
-                axis.imshow(overlay)
-            blank = heatmaps is not None and heatmaps[position].max() == 0
-            position += 1
-            note = " (no pneumonia evidence)" if blank else ""
-            axis.set_title(f"{Path(path).name[:26]}\n{kind[:-1]}: p={probabilities[index]:.3f}{note}", fontsize=7)
-    subtitle = (
-        f"Grad-CAM of the pneumonia score on layer '{layer}'" if heatmaps is not None else f"no heatmaps: {unavailable}"
+    rows = dict(
+        zip(("false negatives", "false positives"), confident_errors(images.labels, probabilities, threshold, count))
     )
-    figure.suptitle(f"{title}\nmost confident errors at threshold {threshold:.3f}; {subtitle}", fontsize=9)
-    figure.tight_layout()
-    return figure, unavailable
-
-
-def plot_registration(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> plt.Figure:
-    """ROC curves of the candidate and the champion on the same validation images."""
-    figure, axis = plt.subplots(figsize=(5.2, 5.0))
-    for name, (labels, probabilities) in curves.items():
-        RocCurveDisplay.from_predictions(labels, probabilities, name=name, ax=axis)
-    axis.plot([0, 1], [0, 1], "k:", linewidth=1)
-    axis.set_title(title)
-    axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    return figure
+    picked = np.concatenate(list(rows.values()))
+    try:
+        subtitle = f"Grad-CAM of the pneumonia score on layer '{gradcam.target_layer(trained.model).name}'"
+        heatmaps = list(gradcam.gradcam(trained.model, images.images[picked], 1))
+        unavailable = None
+    except gradcam.GradCamUnavailable as error:
+        log.warning("error gallery without heatmaps: %s", error)
+        unavailable, subtitle, heatmaps = str(error), f"no heatmaps: {error}", [None] * len(picked)
+    heat = dict(zip(picked.tolist(), heatmaps))
+    tiles = {
+        kind: [
+            plots.GalleryImage(
+                # The originals at a size a reader can see, not the model's input.
+                decode_file(str(data_dir / images.frame["path"].iloc[i]), _GALLERY_SIDE, 1)[..., 0],
+                heat[i],
+                f"{Path(images.frame['path'].iloc[i]).name[:26]}\n{kind[:-1]}: p={probabilities[i]:.3f}",
+            )
+            for i in indices.tolist()
+        ]
+        for kind, indices in rows.items()
+    }
+    return plots.plot_error_gallery(tiles, count, threshold, title, subtitle), unavailable
 
 
 def _training_overlap(run_id: str | None, frame: pd.DataFrame) -> int | None:
@@ -340,7 +197,7 @@ def _register(
         "registration.json",
     )
     tracking.log_figure(
-        plot_registration(curves, f"Registration: validation ROC ({decision.alias}: {decision.reason})"),
+        plots.plot_registration(curves, f"Registration: validation ROC ({decision.alias}: {decision.reason})"),
         "plots/registration_roc.png",
     )
     return decision
@@ -395,13 +252,13 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
                 "that could be decoded; ROC and precision-recall need both classes"
             )
         split = config.split
-        metrics = ev.metrics_at_thresholds(labels, probabilities, threshold, split)
-        metrics.update(
+        scores = metrics.metrics_at_thresholds(labels, probabilities, threshold, split)
+        scores.update(
             {"threshold": threshold, f"n_{split}_images": len(labels), "n_skipped_images": len(frame) - len(labels)}
         )
         overlap = _training_overlap(trained.run_id, images.frame)
         if overlap is not None:
-            metrics["n_images_seen_in_training"] = overlap
+            scores["n_images_seen_in_training"] = overlap
             if overlap:
                 log.warning(
                     "%d of the %d evaluated images were in the model's training split: the metrics are optimistic",
@@ -409,32 +266,34 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
                     len(labels),
                 )
         # NaN is logged too: "NPV undefined at 0.5 (nothing predicted normal)" is a finding.
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_metrics({k: float(v) for k, v in scores.items()})
 
         name = f"{trained.config.get('entry_point', 'model')} ({(trained.run_id or '')[:8]})"
         title = f"{name} on {split} ({len(labels)} images)"
         for suffix, value in (("threshold", threshold), ("0.5", 0.5)):
             tracking.log_figure(
-                ev.plot_confusion_matrix(labels, probabilities, value, title), f"plots/confusion_matrix_{suffix}.png"
+                plots.plot_confusion_matrix(labels, probabilities, value, title), f"plots/confusion_matrix_{suffix}.png"
             )
         tracking.log_json(
             {
                 "split": split,
-                "at_threshold": ev.confusion_counts(labels, probabilities, threshold),
-                "at_0.5": ev.confusion_counts(labels, probabilities, 0.5),
+                "at_threshold": metrics.confusion_counts(labels, probabilities, threshold),
+                "at_0.5": metrics.confusion_counts(labels, probabilities, 0.5),
             },
             "confusion_matrix.json",
         )
-        tracking.log_figure(plot_roc(labels, probabilities, threshold, name, f"ROC: {title}"), "plots/roc_curve.png")
         tracking.log_figure(
-            plot_precision_recall(labels, probabilities, threshold, name, f"Precision-recall: {title}"),
+            plots.plot_roc(labels, probabilities, threshold, name, f"ROC: {title}"), "plots/roc_curve.png"
+        )
+        tracking.log_figure(
+            plots.plot_precision_recall(labels, probabilities, threshold, name, f"Precision-recall: {title}"),
             "plots/pr_curve.png",
         )
         tracking.log_figure(
-            plot_calibration(labels, probabilities, name, f"Calibration: {title}"), "plots/calibration.png"
+            plots.plot_calibration(labels, probabilities, name, f"Calibration: {title}"), "plots/calibration.png"
         )
         tracking.log_figure(
-            plot_threshold_sweep(labels, probabilities, threshold, f"Sensitivity and specificity: {title}"),
+            plots.plot_threshold_sweep(labels, probabilities, threshold, f"Sensitivity and specificity: {title}"),
             "plots/threshold_sweep.png",
         )
         predicted = probabilities >= threshold
@@ -450,7 +309,7 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
             ),
             "predictions.csv",
         )
-        gallery, unavailable = plot_error_gallery(
+        gallery, unavailable = error_gallery(
             trained, images, probabilities, threshold, data_dir, config.gallery_size, title
         )
         tracking.log_figure(gallery, "plots/error_gallery.png")
@@ -468,9 +327,9 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
         log.info(
             "%s: ROC AUC %.4f; at threshold %.3f sensitivity %.3f, specificity %.3f",
             title,
-            metrics[f"{split}_roc_auc"],
+            scores[f"{split}_roc_auc"],
             threshold,
-            metrics[f"{split}_sensitivity_at_threshold"],
-            metrics[f"{split}_specificity_at_threshold"],
+            scores[f"{split}_sensitivity_at_threshold"],
+            scores[f"{split}_specificity_at_threshold"],
         )
         return run.info.run_id

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pneumo import data as data_lib
 from pneumo.config import DataConfig, flatten, json_text
 from pneumo.errors import DataError
-from pneumo.evaluation import plot_class_distribution
+from pneumo.plots import plot_class_distribution
 
 log = logging.getLogger(__name__)
 MANIFEST_ARTIFACT = "manifest.csv"

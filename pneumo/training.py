@@ -22,8 +22,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pneumo import CLASS_NAMES, pipeline, serving, tracking
-from pneumo import evaluation as ev
+from pneumo import CLASS_NAMES, metrics, pipeline, plots, serving, tracking
 from pneumo.augmentation import build_augmenter
 from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, TrainConfig
 
@@ -177,10 +176,10 @@ def evaluate_validation(
 ) -> tuple[np.ndarray, float, dict]:
     """Predict the validation split, pick the threshold, and compute metrics at 0.5 and at it."""
     probabilities = serving.predict_probabilities(model, val_set.images)
-    threshold = ev.threshold_for_sensitivity(val_set.labels, probabilities, target_sensitivity)
-    metrics = ev.metrics_at_thresholds(val_set.labels, probabilities, threshold, "val")
-    metrics["threshold"] = threshold
-    return probabilities, threshold, metrics
+    threshold = metrics.threshold_for_sensitivity(val_set.labels, probabilities, target_sensitivity)
+    values = metrics.metrics_at_thresholds(val_set.labels, probabilities, threshold, "val")
+    values["threshold"] = threshold
+    return probabilities, threshold, values
 
 
 def log_outputs(
@@ -194,18 +193,18 @@ def log_outputs(
     """Log curves, confusion matrices, threshold, validation predictions and the served model."""
     mlflow.log_metrics({k: float(v) for k, v in result.val_metrics.items() if v == v})
     if result.history:
-        tracking.log_figure(ev.plot_history(result.history, entry_point), "plots/training_curves.png")
+        tracking.log_figure(plots.plot_history(result.history, entry_point), "plots/training_curves.png")
     for name, threshold in (("threshold", result.threshold), ("0.5", 0.5)):
         tracking.log_figure(
-            ev.plot_confusion_matrix(
+            plots.plot_confusion_matrix(
                 result.val_labels, result.val_probabilities, threshold, f"{entry_point}: validation"
             ),
             f"plots/confusion_matrix_val_{name}.png",
         )
     tracking.log_json(
         {
-            "at_threshold": ev.confusion_counts(result.val_labels, result.val_probabilities, result.threshold),
-            "at_0.5": ev.confusion_counts(result.val_labels, result.val_probabilities, 0.5),
+            "at_threshold": metrics.confusion_counts(result.val_labels, result.val_probabilities, result.threshold),
+            "at_0.5": metrics.confusion_counts(result.val_labels, result.val_probabilities, 0.5),
         },
         "confusion_matrix_val.json",
     )
@@ -260,7 +259,7 @@ def log_augmentation_grid(train_set: pipeline.ImageSet, augment: AugmentConfig, 
     names = [CLASS_NAMES[label] for label in train_set.labels[picks]]
     titles = [f"{n} (original)" for n in names] + [f"{n} (augmented)" for n in names]
     tracking.log_figure(
-        ev.plot_image_grid(
+        plots.plot_image_grid(
             images, titles, "Training samples: originals (top) and augmented (bottom)", columns=len(picks)
         ),
         "plots/augmented_samples.png",

@@ -22,10 +22,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import optuna
@@ -35,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 from sklearn.metrics import log_loss
 
-from pneumo import models, pipeline, tracking
+from pneumo import models, pipeline, plots, tracking
 from pneumo.config import (
     HIGHER_IS_BETTER,
     AugmentConfig,
@@ -359,51 +358,14 @@ def _last_report(trial: optuna.Trial) -> tuple[int, float] | None:
     return None
 
 
-def _figure(axes: Any) -> plt.Figure:
-    return np.atleast_1d(axes).flat[0].figure
-
-
 def log_study_plots(study: optuna.Study) -> list[str]:
     """Log Optuna's plots of the study to the active run as ``plots/optuna_*.png``.
 
-    A plot the study cannot support yet (parameter importances need two completed trials) is
-    skipped, never fatal.
-
     Returns:
-        One line per skipped plot, saying why.
+        One line per plot the study cannot support yet, saying why (never fatal).
     """
-    from optuna.visualization import matplotlib as ovm
-
-    completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    reported = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
-    plots: list[tuple[str, Callable[[optuna.Study], Any], bool, str]] = [
-        ("optimization_history", ovm.plot_optimization_history, completed >= 1, "no completed trial"),
-        ("param_importances", ovm.plot_param_importances, completed >= 2, f"{completed} completed trial(s), need 2"),
-        ("parallel_coordinate", ovm.plot_parallel_coordinate, completed >= 1, "no completed trial"),
-        ("slice", ovm.plot_slice, completed >= 1, "no completed trial"),
-        ("intermediate_values", ovm.plot_intermediate_values, reported, "no per-epoch values reported"),
-    ]
-    skipped = []
-    for name, plot, possible, reason in plots:
-        if not possible:
-            skipped.append(f"{name}: {reason}")
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                figure = _figure(plot(study))
-        except (ValueError, RuntimeError, ZeroDivisionError) as error:
-            # e.g. importances when every completed trial has the same value
-            plt.close("all")
-            skipped.append(f"{name}: {error}")
-            continue
-        # One panel or axis per parameter: widen; their colour bars do not support tight_layout.
-        if name == "slice":
-            figure.set_size_inches(max(8.0, 3.0 * len(study.best_trial.params)), 3.5)
-        elif name == "parallel_coordinate":
-            figure.set_size_inches(12.0, 6.0)
-        else:
-            figure.tight_layout()
+    figures, skipped = plots.plot_study(study)
+    for name, figure in figures.items():
         tracking.log_figure(figure, f"plots/optuna_{name}.png")
     for line in skipped:
         log.info("plot skipped: %s", line)

@@ -1,15 +1,14 @@
-"""Metrics, operating thresholds and figures, computed with scikit-learn and drawn with matplotlib."""
+"""Clinical metrics and operating-threshold rules for a binary pneumonia classifier.
+
+Every number the project reports about predictions (training's validation metrics, ``evaluate``,
+``cv``, ``tune`` and registration) is computed here with scikit-learn, and every figure about
+them is drawn by :mod:`pneumo.plots` from these numbers.
+"""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: training runs on servers
-
-import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import (
-    ConfusionMatrixDisplay,
     average_precision_score,
     brier_score_loss,
     confusion_matrix,
@@ -19,8 +18,6 @@ from sklearn.metrics import (
 )
 
 from pneumo import CLASS_NAMES
-
-DISPLAY_NAMES = ("Normal", "Pneumonia")
 
 
 def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray, target: float) -> float:
@@ -110,69 +107,14 @@ def confusion_counts(labels: np.ndarray, probabilities: np.ndarray, threshold: f
     }
 
 
-def plot_confusion_matrix(labels: np.ndarray, probabilities: np.ndarray, threshold: float, title: str) -> plt.Figure:
-    """Labelled heatmap of the confusion matrix (Normal/Pneumonia), as in the seed notebook."""
-    predicted = (np.asarray(probabilities) >= threshold).astype(int)
-    figure, axis = plt.subplots(figsize=(4.8, 4.2))
-    ConfusionMatrixDisplay.from_predictions(
-        np.asarray(labels).astype(int),
-        predicted,
-        labels=[0, 1],
-        display_labels=DISPLAY_NAMES,
-        cmap="Blues",
-        colorbar=False,
-        ax=axis,
+def confident_errors(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the most confident false negatives (lowest probability first) and false positives."""
+    predicted = probabilities >= threshold
+    false_negatives = np.flatnonzero((labels == 1) & ~predicted)
+    false_positives = np.flatnonzero((labels == 0) & predicted)
+    return (
+        false_negatives[np.argsort(probabilities[false_negatives], kind="stable")][:count],
+        false_positives[np.argsort(-probabilities[false_positives], kind="stable")][:count],
     )
-    axis.set_title(f"{title}\nthreshold {threshold:.3f}")
-    figure.tight_layout()
-    return figure
-
-
-def plot_history(history: dict[str, list[float]], title: str) -> plt.Figure:
-    """Training curves: accuracy, loss and ROC AUC, train against validation, per epoch."""
-    keys = [k for k in ("accuracy", "loss", "auc") if k in history]
-    figure, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-    for axis, key in zip(axes[0], keys):
-        epochs = np.arange(1, len(history[key]) + 1)
-        axis.plot(epochs, history[key], marker="o", label="train")
-        if f"val_{key}" in history:
-            axis.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(key)
-        axis.set_title(key)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    return figure
-
-
-def plot_class_distribution(manifest, title: str = "Images per class and split") -> plt.Figure:
-    """Bar chart of image counts per class for each split (the notebook's first plot)."""
-    counts = manifest.groupby(["split", "label_name"]).size().unstack(fill_value=0)
-    counts = counts.reindex([s for s in ("train", "val", "test") if s in counts.index])
-    counts = counts.reindex(columns=list(CLASS_NAMES), fill_value=0)
-    figure, axis = plt.subplots(figsize=(6, 4))
-    counts.plot.bar(ax=axis, color=["#4c72b0", "#dd8452"], rot=0)
-    for container in axis.containers:
-        axis.bar_label(container)
-    axis.set_xlabel("split")
-    axis.set_ylabel("images")
-    axis.set_title(title)
-    figure.tight_layout()
-    return figure
-
-
-def plot_image_grid(images: np.ndarray, titles: list[str], title: str, columns: int = 8) -> plt.Figure:
-    """Show uint8 or 0..255 float images in a grid (e.g. augmented training samples)."""
-    rows = int(np.ceil(len(images) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, image, label in zip(axes.ravel(), images, titles):
-        image = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)
-        axis.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
-        axis.set_title(label, fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout()
-    return figure

@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from pneumo import CLASS_NAMES, gradcam, metrics, pipeline, plots, registry, serving, tracking
+from pneumo import CLASS_NAMES, gradcam, metrics, model_io, pipeline, plots, registry, tracking
 from pneumo.config import DataConfig, EvalConfig
 from pneumo.data import read_manifest, split_frame
 from pneumo.errors import ConfigError, DataError
@@ -56,7 +56,7 @@ def default_model_uri() -> str:
 
 
 def predict_split(
-    trained: serving.TrainedModel, frame: pd.DataFrame, data_dir: Path, cache_dir: str
+    trained: model_io.TrainedModel, frame: pd.DataFrame, data_dir: Path, cache_dir: str
 ) -> tuple[pipeline.ImageSet, np.ndarray]:
     """Decode manifest rows with the model's input settings and predict them.
 
@@ -64,11 +64,11 @@ def predict_split(
         The decoded images (undecodable files left out) and their probabilities of pneumonia.
     """
     images = pipeline.load_split(frame, data_dir, trained.image_size, trained.channels, cache_dir)
-    return images, serving.predict_probabilities(trained.model, images.images)
+    return images, model_io.predict_probabilities(trained.model, images.images)
 
 
 def error_gallery(
-    trained: serving.TrainedModel,
+    trained: model_io.TrainedModel,
     images: pipeline.ImageSet,
     probabilities: np.ndarray,
     threshold: float,
@@ -127,7 +127,7 @@ def _training_overlap(run_id: str | None, frame: pd.DataFrame) -> int | None:
 
 
 def _val_roc_auc(
-    trained: serving.TrainedModel, val_frame: pd.DataFrame, data_dir: Path, cache_dir: str
+    trained: model_io.TrainedModel, val_frame: pd.DataFrame, data_dir: Path, cache_dir: str
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Validation ROC AUC of a model on the given validation rows, with labels and probabilities."""
     images, probabilities = predict_split(trained, val_frame, data_dir, cache_dir)
@@ -135,7 +135,7 @@ def _val_roc_auc(
 
 
 def _register(
-    trained: serving.TrainedModel,
+    trained: model_io.TrainedModel,
     model_uri: str,
     config: EvalConfig,
     manifest: pd.DataFrame,
@@ -171,7 +171,7 @@ def _register(
     curves = {f"candidate ({trained.run_id[:8] if trained.run_id else model_uri})": (labels, probabilities)}
     champion_auc = None
     if champion is not None:
-        champion_model = serving.load_trained_model(f"models:/{config.registered_name}@{registry.CHAMPION}")
+        champion_model = model_io.load_trained_model(f"models:/{config.registered_name}@{registry.CHAMPION}")
         champion_auc, champion_labels, champion_probabilities = _val_roc_auc(
             champion_model, val_frame, data_dir, cache_dir
         )
@@ -221,7 +221,7 @@ def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
         ConfigError: No model to evaluate.
     """
     model_uri = config.model_uri or default_model_uri()
-    trained = serving.load_trained_model(model_uri)
+    trained = model_io.load_trained_model(model_uri)
     threshold = trained.threshold if config.threshold < 0 else float(config.threshold)
     with tracking.start_run("evaluate", data, config) as run:
         # Params keep the values as given (``mlflow run`` has logged them already); what was

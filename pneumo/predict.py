@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pneumo import serving
+from pneumo import model_io, serving
 from pneumo.preprocessing import ImageError, decode_file
 
 log = logging.getLogger(__name__)
 
 # Files taken from a folder; named files are always tried, whatever their suffix.
 FOLDER_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
-COLUMNS = ["file", *serving.OUTPUT_COLUMNS, "error"]
+COLUMNS = ["file", *model_io.OUTPUT_COLUMNS, "error"]
 
 
 def collect_files(inputs: list[str]) -> list[Path]:
@@ -62,7 +62,7 @@ def predict_files(files: list[Path], model_uri: str, batch_size: int = 64) -> pd
     Returns:
         Columns ``file``, ``label``, ``probability``, ``threshold``, ``error`` (empty when predicted).
     """
-    trained = serving.load_trained_model(model_uri)
+    trained = model_io.load_trained_model(model_uri)
     parts = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
@@ -80,7 +80,7 @@ def predict_files(files: list[Path], model_uri: str, batch_size: int = 64) -> pd
             if images
             else np.zeros((0, trained.image_size, trained.image_size, trained.channels), np.uint8)
         )
-        labelled = serving.label_frame(serving.predict_probabilities(trained.model, batch), trained.threshold)
+        labelled = serving.label_frame(model_io.predict_probabilities(trained.model, batch), trained.threshold)
         part = pd.DataFrame(
             {
                 "file": [str(p) for p in chunk],

@@ -1,8 +1,7 @@
 """The served model: an MLflow pyfunc that takes base64 image files and returns labels.
 
-The pyfunc carries the Keras model (``.keras``, loaded with ``safe_mode=True``), a
-``model_config.json`` (input size, channels, operating threshold, every hyperparameter) and the
-``pneumo`` package itself, so ``mlflow models serve`` runs the very decode path training used.
+The pyfunc (logged by :func:`pneumo.model_io.log_model`) carries the ``pneumo`` package itself,
+so ``mlflow models serve`` runs the very decode path training used.
 
 Errors a client can fix (bad base64, a file that is not an image, a decompression bomb, ...)
 raise :class:`mlflow.exceptions.MlflowException` with ``INVALID_PARAMETER_VALUE``, which the
@@ -14,9 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import tempfile
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -24,38 +20,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ColSpec, Schema
 
 from pneumo import CLASS_NAMES
-from pneumo.config import json_text
-from pneumo.errors import ConfigError
+from pneumo.model_io import (
+    CONFIG_ARTIFACT,
+    IMAGE_COLUMN,
+    MODEL_ARTIFACT,
+    OUTPUT_COLUMNS,
+    load_keras_model,
+    predict_probabilities,
+)
 from pneumo.preprocessing import ImageError, decode_image
 
-IMAGE_COLUMN = "image"
-MODEL_ARTIFACT = "keras_model"
-CONFIG_ARTIFACT = "model_config"
-OUTPUT_COLUMNS = ("label", "probability", "threshold")
-INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN)])
-OUTPUT_SCHEMA = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")])
-# Packages the served model imports, pinned to the versions it was trained with; only the
-# installed TensorFlow distribution (GPU "tensorflow" or "tensorflow-cpu") is pinned.
-_REQUIREMENTS = (
-    "tensorflow",
-    "tensorflow-cpu",
-    "keras",
-    "numpy",
-    "pandas",
-    "pillow",
-    "pydicom",
-    "scikit-learn",
-    "imbalanced-learn",
-    "matplotlib",
-    "mlflow",
-)
-# Images per forward pass: bounds the float32 activations of one call, whatever the request size.
-_CHUNK = 64
 # Bad rows listed in one error message; a client sending thousands of bad rows needs only a sample.
 _MAX_LISTED_ERRORS = 10
 
@@ -63,21 +40,6 @@ _MAX_LISTED_ERRORS = 10
 def bad_request(message: str) -> MlflowException:
     """An exception the scoring server turns into HTTP 400 with ``message``."""
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-def load_keras_model(path: str | Path):
-    """Load a ``.keras`` file without executing arbitrary code (``safe_mode=True``)."""
-    import keras
-
-    import pneumo.augmentation  # noqa: F401  (registers pneumo's serialisable layers)
-    import pneumo.models  # noqa: F401
-
-    return keras.saving.load_model(str(path), compile=False, safe_mode=True)
-
-
-def encode_file(path: str | Path) -> str:
-    """Base64 text of a file, as the served model expects in its ``image`` column."""
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def decode_base64_image(value: Any, image_size: int, channels: int) -> np.ndarray:
@@ -105,17 +67,6 @@ def decode_base64_image(value: Any, image_size: int, channels: int) -> np.ndarra
     except (binascii.Error, ValueError) as error:
         raise ImageError(f"'{IMAGE_COLUMN}' is not valid base64 ({error})") from error
     return decode_image(payload, image_size, channels)
-
-
-def predict_probabilities(model, images: np.ndarray) -> np.ndarray:
-    """Probabilities of pneumonia for uint8 images, in chunks, without augmentation."""
-    if len(images) == 0:
-        return np.zeros(0, np.float64)
-    outputs = [
-        np.asarray(model(images[i : i + _CHUNK].astype(np.float32), training=False)).reshape(-1)
-        for i in range(0, len(images), _CHUNK)
-    ]
-    return np.concatenate(outputs).astype(np.float64)
 
 
 def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
@@ -179,95 +130,3 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
             )
         batch = np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
         return label_frame(predict_probabilities(self.model, batch), float(self.config["threshold"]))
-
-
-@dataclass
-class TrainedModel:
-    """A logged pneumo model opened for evaluation or batch prediction (no pyfunc wrapper)."""
-
-    model: Any  # keras.Model
-    config: dict[str, Any]
-    uri: str
-    run_id: str | None = None
-    model_id: str | None = None  # MLflow 3 LoggedModel id: models:/<model_id> names exactly this model
-
-    @property
-    def image_size(self) -> int:
-        return int(self.config["image_size"])
-
-    @property
-    def channels(self) -> int:
-        return int(self.config["channels"])
-
-    @property
-    def threshold(self) -> float:
-        return float(self.config["threshold"])
-
-
-def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedModel:
-    """Download a logged pneumo pyfunc and open its Keras model and ``model_config``.
-
-    Unlike ``mlflow.pyfunc.load_model`` this neither puts the model's copy of ``pneumo`` on
-    ``sys.path`` nor wraps the Keras model, so Grad-CAM can reach its layers.
-
-    Args:
-        model_uri: ``runs:/<run>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``
-            or a local folder.
-        dst_path: Folder to download into; a temporary one when ``None`` (the Keras model is
-            fully read into memory, so the files are not needed afterwards).
-
-    Returns:
-        The model, its configuration and the URI.
-
-    Raises:
-        MlflowException: The URI cannot be resolved.
-        ConfigError: The URI does not point at a pneumo model.
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path or folder))
-        mlmodel = Model.load(str(local))
-        artifacts = mlmodel.flavors.get("python_function", {}).get("artifacts", {})
-        if MODEL_ARTIFACT not in artifacts or CONFIG_ARTIFACT not in artifacts:
-            raise ConfigError(
-                f"{model_uri} is not a pneumo model (no '{MODEL_ARTIFACT}'/'{CONFIG_ARTIFACT}' artifacts)"
-            )
-        config = json.loads((local / artifacts[CONFIG_ARTIFACT]["path"]).read_text())
-        model = load_keras_model(local / artifacts[MODEL_ARTIFACT]["path"])
-    return TrainedModel(model, config, model_uri, mlmodel.run_id or config.get("run_id"), mlmodel.model_id)
-
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements of the served model, taken from the training environment."""
-    pinned = []
-    for name in _REQUIREMENTS:
-        try:
-            pinned.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            continue
-    return pinned
-
-
-def log_model(keras_path: str | Path, model_config: dict, example_file: str | Path, name: str = "model"):
-    """Log a trained Keras model as the pneumo pyfunc in the active run.
-
-    Args:
-        keras_path: The ``.keras`` file (best checkpoint).
-        model_config: Input size, channels, threshold, class names and hyperparameters.
-        example_file: A real image file used as the input example.
-        name: Logged-model name in the run.
-
-    Returns:
-        MLflow's ``ModelInfo``.
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        config_path = Path(folder) / "model_config.json"
-        config_path.write_text(json_text(model_config))
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={MODEL_ARTIFACT: str(keras_path), CONFIG_ARTIFACT: str(config_path)},
-            code_paths=[str(Path(__file__).resolve().parent)],
-            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
-            input_example=pd.DataFrame({IMAGE_COLUMN: [encode_file(example_file)]}),
-            pip_requirements=pip_requirements(),
-        )

@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pneumo import CLASS_NAMES, metrics, pipeline, plots, serving, tracking
+from pneumo import CLASS_NAMES, metrics, model_io, pipeline, plots, tracking
 from pneumo.augmentation import build_augmenter
 from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, TrainConfig
 
@@ -175,7 +175,7 @@ def evaluate_validation(
     model: keras.Model, val_set: pipeline.ImageSet, target_sensitivity: float
 ) -> tuple[np.ndarray, float, dict]:
     """Predict the validation split, pick the threshold, and compute metrics at 0.5 and at it."""
-    probabilities = serving.predict_probabilities(model, val_set.images)
+    probabilities = model_io.predict_probabilities(model, val_set.images)
     threshold = metrics.threshold_for_sensitivity(val_set.labels, probabilities, target_sensitivity)
     values = metrics.metrics_at_thresholds(val_set.labels, probabilities, threshold, "val")
     values["threshold"] = threshold
@@ -229,7 +229,7 @@ def log_outputs(
         "config": {name: dataclasses.asdict(c) for name, c in configs.items()},
         **result.extra,
     }
-    serving.log_model(result.checkpoint, model_config, data_dir / val_set.frame["path"].iloc[0])
+    model_io.log_model(result.checkpoint, model_config, data_dir / val_set.frame["path"].iloc[0])
 
 
 def load_splits(

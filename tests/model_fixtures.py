@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
 from conftest import SHARED_DATA, make_subset
 
 EXPERIMENT = "pneumo-models"

@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from pneumo.augmentation import build_augmenter
 from pneumo.config import AugmentConfig, CNNConfig
+from pneumo.model_io import encode_file, predict_probabilities
 from pneumo.models import build_aug_cnn
 from pneumo.pipeline import ImageSet, train_dataset
-from pneumo.serving import encode_file, predict_probabilities
 
 EPOCHS = 2
 

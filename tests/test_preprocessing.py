@@ -9,10 +9,10 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 from PIL import Image
 
 import xray_files as xf
+from conftest import SHARED_DATA
 from pneumo.preprocessing import MAX_PIXELS, ImageError, decode_image
 from pneumo.serving import decode_base64_image
 

@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 
 import xray_files as xf
 from pneumo import CLASS_NAMES, predict
-from pneumo.serving import IMAGE_COLUMN
+from pneumo.model_io import IMAGE_COLUMN
 
 pytest_plugins = ["model_fixtures"]
 

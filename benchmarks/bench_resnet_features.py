@@ -22,8 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pneumo import data as data_lib  # noqa: E402
 from pneumo import models, pipeline  # noqa: E402
 from pneumo.config import ResNetConfig, TrainConfig  # noqa: E402
+from pneumo.resnet import extract_features  # noqa: E402
 from pneumo.training import compile_model, make_optimizer, set_precision  # noqa: E402
-from pneumo.transfer import extract_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

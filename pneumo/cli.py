@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pneumo.config import (
@@ -44,26 +45,37 @@ _NOTEBOOK = {
     "cosine_decay": False,
 }
 
-# name -> ("module:function", config types in call order, defaults replacing the dataclass ones)
-ENTRY_POINTS: dict[str, tuple[str, tuple[type, ...], dict[str, Any]]] = {
-    "prepare": ("pneumo.experiments:run_prepare", (DataConfig,), {}),
-    "baseline": ("pneumo.experiments:run_baseline", (DataConfig, TrainConfig, DenseConfig), dict(_NOTEBOOK)),
-    "cv": ("pneumo.cv:run_cv", (DataConfig, TrainConfig, CVConfig), {**_NOTEBOOK, "epochs": 20}),
-    "cnn": ("pneumo.experiments:run_cnn", (DataConfig, TrainConfig), dict(_NOTEBOOK)),
-    "aug_cnn": ("pneumo.experiments:run_aug_cnn", (DataConfig, TrainConfig, AugmentConfig, CNNConfig), {}),
-    "resnet": (
-        "pneumo.transfer:run_resnet",
-        (DataConfig, TrainConfig, ResNetConfig),
-        {"image_size": 160, "channels": 3, "epochs": 15, "learning_rate": 1e-3},
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """An entry point's parameters: config types in call order, and defaults replacing theirs."""
+
+    configs: tuple[type, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+# Entry point X is the function X of module pneumo.X (e.g. pneumo.resnet.resnet).
+ENTRY_POINTS: dict[str, EntryPoint] = {
+    "prepare": EntryPoint((DataConfig,)),
+    "baseline": EntryPoint((DataConfig, TrainConfig, DenseConfig), dict(_NOTEBOOK)),
+    "cv": EntryPoint((DataConfig, TrainConfig, CVConfig), {**_NOTEBOOK, "epochs": 20}),
+    "cnn": EntryPoint((DataConfig, TrainConfig), dict(_NOTEBOOK)),
+    "aug_cnn": EntryPoint((DataConfig, TrainConfig, AugmentConfig, CNNConfig)),
+    "resnet": EntryPoint(
+        (DataConfig, TrainConfig, ResNetConfig), {"image_size": 160, "channels": 3, "epochs": 15, "learning_rate": 1e-3}
     ),
-    "evaluate": ("pneumo.evaluate:run_evaluate", (DataConfig, EvalConfig), {}),
-    "tune": ("pneumo.tuning:run_tune", (DataConfig, TrainConfig, AugmentConfig, CNNConfig, TuneConfig), {}),
+    "evaluate": EntryPoint((DataConfig, EvalConfig)),
+    "tune": EntryPoint((DataConfig, TrainConfig, AugmentConfig, CNNConfig, TuneConfig)),
 }
 
 
-def _function(name: str) -> Callable[..., Any]:
-    module, attribute = ENTRY_POINTS[name][0].split(":")
-    return getattr(importlib.import_module(module), attribute)
+def entry_point_function(name: str) -> Callable[..., Any]:
+    """The function of entry point ``name``: ``pneumo.<name>.<name>``.
+
+    Imported only when asked for: rendering MLproject must not import TensorFlow, which the entry
+    points' modules do.
+    """
+    return getattr(importlib.import_module(f"pneumo.{name}"), name)
 
 
 def main(name: str, argv: list[str] | None = None) -> Any:
@@ -82,10 +94,9 @@ def main(name: str, argv: list[str] | None = None) -> Any:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _, config_types, defaults = ENTRY_POINTS[name]
-    function = _function(name)
+    function = entry_point_function(name)
     description = (function.__doc__ or name).strip().splitlines()[0]
-    configs = parse_configs(description, *config_types, defaults=defaults, argv=argv)
+    configs = parse_configs(description, *ENTRY_POINTS[name].configs, defaults=ENTRY_POINTS[name].defaults, argv=argv)
     try:
         return function(*configs)
     except (PneumoError, ImageError) as error:  # ImageError, the decoder's, is a ValueError of its own
@@ -107,12 +118,12 @@ def render_mlproject() -> str:
         "",
         "entry_points:",
     ]
-    for name, (_, config_types, defaults) in ENTRY_POINTS.items():
+    for name, entry_point in ENTRY_POINTS.items():
         lines += [f"  {name}:", "    parameters:"]
         flags = []
-        for config_type in config_types:
+        for config_type in entry_point.configs:
             for f in dataclasses.fields(config_type):
-                default = defaults.get(f.name, f.default)
+                default = entry_point.defaults.get(f.name, f.default)
                 kind = field_type(config_type, f)
                 if kind is str:
                     text = '"' + str(default).replace('"', '\\"') + '"'

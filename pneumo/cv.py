@@ -155,7 +155,7 @@ def fold_splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> lis
     return splits
 
 
-def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
+def cv(data: DataConfig, train: TrainConfig, cv_config: CVConfig) -> str:
     """Entry point ``cv``: k-fold cross-validation (patient-grouped, stratified) of the L2 dense net.
 
     Each fold trains for exactly ``epochs`` epochs (a held-out fold must not steer early
@@ -171,7 +171,7 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
     Returns:
         The MLflow run id.
     """
-    with tracking.start_run("cv", data, train, cv) as run:
+    with tracking.start_run("cv", data, train, cv_config) as run:
         keras.utils.set_random_seed(data.seed)
         mlflow.log_param("dtype_policy", training.set_precision(train.precision))
         # Folds come from the training split only: the validation split stays untouched by
@@ -179,8 +179,8 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
         # and its metrics compare directly with those of baseline, cnn and aug_cnn.
         data_dir, train_set, val_set = training.load_splits(data)
         X, y, groups = cv_arrays(train_set)
-        splits = fold_splits(y, groups, cv.folds, data.seed)
-        estimator = make_estimator(data, train, cv)
+        splits = fold_splits(y, groups, cv_config.folds, data.seed)
+        estimator = make_estimator(data, train, cv_config)
         results = cross_validate(
             estimator,
             X,
@@ -224,7 +224,7 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
         mlflow.log_metrics(summary)
         log.info(
             "cv over %d folds: accuracy %.3f +/- %.3f, ROC AUC %.3f +/- %.3f (pooled out-of-fold %.3f)",
-            cv.folds,
+            cv_config.folds,
             summary["cv_accuracy_mean"],
             summary["cv_accuracy_std"],
             summary["cv_roc_auc_mean"],
@@ -269,4 +269,4 @@ def run_cv(data: DataConfig, train: TrainConfig, cv: CVConfig) -> str:
         return run.info.run_id
 
 
-__all__ = ["BinaryKerasClassifier", "cv_arrays", "fold_splits", "make_estimator", "run_cv"]
+__all__ = ["BinaryKerasClassifier", "cv_arrays", "fold_splits", "cv", "make_estimator"]

@@ -203,7 +203,7 @@ def _register(
     return decision
 
 
-def run_evaluate(data: DataConfig, config: EvalConfig) -> str:
+def evaluate(data: DataConfig, config: EvalConfig) -> str:
     """Entry point ``evaluate``: metrics, figures and a Grad-CAM gallery for a model; optional registration.
 
     The input size and channels come from the model; ``data.image_size`` and ``data.channels``

@@ -55,8 +55,11 @@ def _unseen_images() -> dict[str, list[Path]]:
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory) -> TrainedModels:
     """Train the three models once (about half a minute on 2 CPU cores)."""
+    from pneumo.aug_cnn import aug_cnn
+    from pneumo.baseline import baseline
+    from pneumo.cnn import cnn
     from pneumo.config import AugmentConfig, CNNConfig, DataConfig, DenseConfig, TrainConfig
-    from pneumo.experiments import run_aug_cnn, run_baseline, run_cnn, run_prepare
+    from pneumo.prepare import prepare
 
     root = tmp_path_factory.mktemp("trained_models")
     data_dir = make_subset(root / "data", PER_CLASS)
@@ -70,7 +73,7 @@ def trained_models(tmp_path_factory) -> TrainedModels:
         mlflow.set_experiment(experiment_id=experiment_id)
         try:
             base = DataConfig(data_dir=str(data_dir), val_fraction=VAL_FRACTION, cache_dir="", seed=42)
-            manifest = run_prepare(base)
+            manifest = prepare(base)
             base = dataclasses.replace(base, manifest=manifest, image_size=64)
             notebook = TrainConfig(
                 batch_size=16,
@@ -83,13 +86,13 @@ def trained_models(tmp_path_factory) -> TrainedModels:
                 cosine_decay=False,
                 precision="float32",
             )
-            cnn = run_cnn(dataclasses.replace(base, channels=3), notebook)
-            dense = run_baseline(
+            cnn_run = cnn(dataclasses.replace(base, channels=3), notebook)
+            dense = baseline(
                 dataclasses.replace(base, channels=3),
                 dataclasses.replace(notebook, epochs=1, patience=1, learning_rate=1e-6),
                 DenseConfig(),
             )
-            aug_cnn = run_aug_cnn(
+            aug_cnn_run = aug_cnn(
                 dataclasses.replace(base, channels=1),
                 TrainConfig(batch_size=16, epochs=2, patience=2, precision="float32"),
                 AugmentConfig(),
@@ -97,7 +100,7 @@ def trained_models(tmp_path_factory) -> TrainedModels:
             )
         finally:
             mlflow.set_tracking_uri(None)
-    return TrainedModels(uri, experiment_id, data_dir, manifest, cnn, dense, aug_cnn, _unseen_images())
+    return TrainedModels(uri, experiment_id, data_dir, manifest, cnn_run, dense, aug_cnn_run, _unseen_images())
 
 
 @pytest.fixture

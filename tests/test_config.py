@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pneumo.cli import ENTRY_POINTS, _function, render_mlproject
+from pneumo.cli import ENTRY_POINTS, entry_point_function, render_mlproject
 from pneumo.config import (
     CNNConfig,
     CVConfig,
@@ -30,8 +30,6 @@ from pneumo.config import (
 )
 from pneumo.errors import ConfigError
 
-CORE = ("prepare", "baseline", "cv", "cnn")
-
 
 def test_mlproject_is_current():
     assert (REPO / "MLproject").read_text() == render_mlproject(), "run: python -m pneumo.cli > MLproject"
@@ -40,7 +38,8 @@ def test_mlproject_is_current():
 def test_mlproject_lists_every_field_with_its_entry_point_default():
     spec = yaml.safe_load(render_mlproject())
     assert set(spec["entry_points"]) == set(ENTRY_POINTS)
-    for name, (_, config_types, defaults) in ENTRY_POINTS.items():
+    for name, entry_point in ENTRY_POINTS.items():
+        config_types, defaults = entry_point.configs, entry_point.defaults
         parameters = spec["entry_points"][name]["parameters"]
         fields = [f for t in config_types for f in dataclasses.fields(t)]
         assert list(parameters) == [f.name for f in fields]
@@ -78,15 +77,16 @@ def test_notebook_defaults_for_the_notebook_models():
     assert spec["cv"]["parameters"]["l2"]["default"] == 0.01
 
 
-@pytest.mark.parametrize("name", CORE)
-def test_core_entry_points_take_their_config_types(name):
-    function = _function(name)
-    _, config_types, _ = ENTRY_POINTS[name]
+@pytest.mark.parametrize("name", list(ENTRY_POINTS))
+def test_entry_point_x_is_the_function_x_and_takes_its_config_types(name):
+    function = entry_point_function(name)
+    config_types = ENTRY_POINTS[name].configs
     hints = typing.get_type_hints(function)
     parameters = list(inspect.signature(function).parameters)
     assert [hints[p] for p in parameters] == list(config_types)
     assert hints["return"] is str
     assert (REPO / "entrypoints" / f"{name}.py").is_file()
+    assert (function.__module__, function.__name__) == (f"pneumo.{name}", name)
 
 
 def test_parser_has_one_typed_flag_per_field():

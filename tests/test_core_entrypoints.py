@@ -166,7 +166,7 @@ def _assert_standard_tags(run, entry_point: str) -> None:
 
 
 def _assert_params(run, entry_point: str, overrides: dict) -> None:
-    _, config_types, defaults = ENTRY_POINTS[entry_point]
+    config_types, defaults = ENTRY_POINTS[entry_point].configs, ENTRY_POINTS[entry_point].defaults
     fields = {f.name: defaults.get(f.name, f.default) for t in config_types for f in dataclasses.fields(t)}
     assert set(fields) <= set(run.data.params)
     for name, default in fields.items():
@@ -403,16 +403,16 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
 
 def test_a_fixed_seed_makes_a_run_repeatable(store, training_runs):
     """The cnn run again, in this process, with the same parameters: identical metric histories."""
-    from pneumo.experiments import run_cnn
+    from pneumo.cnn import cnn
 
     original = training_runs["cnn"]
-    _, config_types, defaults = ENTRY_POINTS["cnn"]
+    config_types, defaults = ENTRY_POINTS["cnn"].configs, ENTRY_POINTS["cnn"].defaults
     argv = [item for key, value in original.parameters.items() for item in (f"--{key}", str(value))]
     configs = parse_configs("cnn", *config_types, defaults=defaults, argv=argv)
     policy = keras.mixed_precision.global_policy().name
     mlflow.set_experiment(EXPERIMENT)
     try:
-        repeat_id = run_cnn(*configs)
+        repeat_id = cnn(*configs)
     finally:
         keras.mixed_precision.set_global_policy(policy)
     client = store.client

@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 from pneumo import CLASS_NAMES, gradcam, models
 from pneumo.cli import main as cli_main
 from pneumo.config import CNNConfig, DataConfig, EvalConfig
-from pneumo.evaluate import default_model_uri, run_evaluate
+from pneumo.evaluate import default_model_uri
+from pneumo.evaluate import evaluate as run_evaluate
 
 pytest_plugins = ["model_fixtures"]
 

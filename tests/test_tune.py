@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pneumo.config import TuneConfig
-from pneumo.tuning import log_study_summary, masked, open_study, suggest
+from pneumo.tune import log_study_summary, masked, open_study, suggest
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

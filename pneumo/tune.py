@@ -466,7 +466,7 @@ def retrain(
         return run.info.run_id
 
 
-def run_tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig, tune: TuneConfig) -> str:
+def tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig, tune_config: TuneConfig) -> str:
     """Entry point ``tune``: Optuna search over learning rate and augmentation, trials as nested runs.
 
     Args:
@@ -480,40 +480,49 @@ def run_tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: 
     Returns:
         The id of the parent MLflow run.
     """
-    logged_tune = dataclasses.replace(tune, storage=masked(tune.storage))
+    logged_tune = dataclasses.replace(tune_config, storage=masked(tune_config.storage))
     with tracking.start_run("tune", data, train, augment, cnn, logged_tune) as parent:
-        study = open_study(tune, data.seed)
+        study = open_study(tune_config, data.seed)
         mlflow.set_tags(
-            {STUDY_TAG: tune.study_name, "optuna.storage": masked(tune.storage), "optuna.objective": tune.objective}
+            {
+                STUDY_TAG: tune_config.study_name,
+                "optuna.storage": masked(tune_config.storage),
+                "optuna.objective": tune_config.objective,
+            }
         )
-        remaining = tune.n_trials - claimed(study)
+        remaining = tune_config.n_trials - claimed(study)
         runner = None
         if remaining > 0:
-            runner = Objective(data, train, augment, cnn, tune, load_splits(data))
-            log.info("study %s: running up to %d trial(s) towards %d", tune.study_name, remaining, tune.n_trials)
+            runner = Objective(data, train, augment, cnn, tune_config, load_splits(data))
+            log.info(
+                "study %s: running up to %d trial(s) towards %d",
+                tune_config.study_name,
+                remaining,
+                tune_config.n_trials,
+            )
             study.optimize(
                 runner,
                 n_trials=remaining,
-                timeout=tune.timeout or None,
+                timeout=tune_config.timeout or None,
                 catch=(SurplusTrial,),
-                callbacks=[_StopWhenFull(tune.n_trials)],
+                callbacks=[_StopWhenFull(tune_config.n_trials)],
                 gc_after_trial=True,
                 # tqdm redraws with carriage returns: a bar for terminals, Optuna's log lines otherwise.
                 show_progress_bar=sys.stderr.isatty(),
             )
         else:
-            log.info("study %s already holds %d trial(s); nothing to run", tune.study_name, tune.n_trials)
+            log.info("study %s already holds %d trial(s); nothing to run", tune_config.study_name, tune_config.n_trials)
         mlflow.log_metric("n_trials_this_worker", len(runner.run_ids) if runner else 0)
-        best = log_study_summary(study, tune)
-        note = f"Optuna study {tune.study_name!r} ({tune.objective}): "
+        best = log_study_summary(study, tune_config)
+        note = f"Optuna study {tune_config.study_name!r} ({tune_config.objective}): "
         if best is None:
             note += "no completed trial yet."
         else:
             note += f"best value {best.value:.4f} in trial {best.number} with " + json.dumps(
                 {k: round(v, 6) if isinstance(v, float) else v for k, v in best.params.items()}
             )
-            if tune.retrain_best:
-                run_id = retrain(data, train, augment, cnn, tune, best, parent.info.run_id, runner is not None)
+            if tune_config.retrain_best:
+                run_id = retrain(data, train, augment, cnn, tune_config, best, parent.info.run_id, runner is not None)
                 mlflow.set_tag("pneumo.best_model_uri", f"runs:/{run_id}/model")
                 note += f" Retrained model: runs:/{run_id}/model."
         mlflow.set_tag("mlflow.note.content", note)

@@ -78,26 +78,28 @@ def fine_tune(
     )
 
 
-def run_resnet(data: DataConfig, train: TrainConfig, resnet: ResNetConfig) -> str:
+def resnet(data: DataConfig, train: TrainConfig, resnet_config: ResNetConfig) -> str:
     """Entry point ``resnet``: ResNet50 features, a trained head, optional fine-tuning; returns the run id."""
     configs = {"data": data, "train": train, "resnet": resnet}
-    with tracking.start_run("resnet", data, train, resnet) as run:
+    with tracking.start_run("resnet", data, train, resnet_config) as run:
         keras.utils.set_random_seed(data.seed)
         mlflow.log_param("dtype_policy", set_precision(train.precision))
-        base = resnet_base(data, resnet)
+        base = resnet_base(data, resnet_config)
         data_dir, train_set, val_set = load_splits(data)
 
         started = time.perf_counter()
         train_features, val_features = extract_features(base, train_set), extract_features(base, val_set)
         mlflow.log_metric("feature_extraction_seconds", time.perf_counter() - started)
 
-        head = models.build_resnet_head(train_features.images.shape[1:], resnet)
+        head = models.build_resnet_head(train_features.images.shape[1:], resnet_config)
         with tempfile.TemporaryDirectory() as folder:
             head_checkpoint, checkpoint = Path(folder) / "head.keras", Path(folder) / "best.keras"
             history = fit(head, train_features, val_features, train, None, data.seed, head_checkpoint, prefix="head_")
             model = models.stack_resnet(base, head)
-            if resnet.fine_tune_epochs > 0:
-                tuned = fine_tune(model, train_set, val_set, train, resnet, data.seed, checkpoint, len(history["loss"]))
+            if resnet_config.fine_tune_epochs > 0:
+                tuned = fine_tune(
+                    model, train_set, val_set, train, resnet_config, data.seed, checkpoint, len(history["loss"])
+                )
                 history = {k: history[k] + tuned.get(k, []) for k in history}
             else:
                 compile_model(model, make_optimizer(train, 1))

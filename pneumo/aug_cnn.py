@@ -7,35 +7,27 @@ import logging
 import mlflow
 
 from pneumo import models, tracking
-from pneumo.config import AugmentConfig, CNNConfig, DataConfig, TrainConfig
-from pneumo.training import train_model
+from pneumo.config import AugmentConfig, CNNConfig, DataConfig, RunConfigs, TrainConfig
+from pneumo.training import TrainResult, train_model
 
 log = logging.getLogger(__name__)
 
 
 def aug_cnn(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNConfig) -> str:
     """Entry point ``aug_cnn``: the main job, a CNN with balanced batches and augmentation."""
-    with tracking.start_run("aug_cnn", data, train, augment, cnn) as run:
-        result = train_model(
-            "aug_cnn",
-            lambda: models.build_aug_cnn(data.image_size, data.channels, cnn),
-            data,
-            train,
-            augment,
-            configs={"data": data, "train": train, "augment": augment, "cnn": cnn},
-        )
-        log.info(
-            "validation ROC AUC %.4f, sensitivity %.3f at threshold %.3f",
-            result.val_metrics["val_roc_auc"],
-            result.val_metrics["val_sensitivity_at_threshold"],
-            result.threshold,
-        )
-        mlflow.set_tag(
-            "mlflow.note.content",
-            (
-                f"Validation ROC AUC {result.val_metrics['val_roc_auc']:.4f}; at threshold {result.threshold:.3f}: "
-                f"sensitivity {result.val_metrics['val_sensitivity_at_threshold']:.3f}, "
-                f"specificity {result.val_metrics['val_specificity_at_threshold']:.3f}."
-            ),
-        )
+    configs = RunConfigs("aug_cnn", data, train, augment, cnn)
+    with tracking.start_run(configs) as run:
+        result = train_model(configs, lambda: models.build_aug_cnn(data.image_size, data.channels, cnn))
+        log.info("%s", summary(result))
+        mlflow.set_tag("mlflow.note.content", summary(result))
         return run.info.run_id
+
+
+def summary(result: TrainResult) -> str:
+    """One line on the validation result of an aug_cnn model (the run's note)."""
+    metrics = result.val_metrics
+    return (
+        f"Validation ROC AUC {metrics['val_roc_auc']:.4f}; at threshold {result.threshold:.3f}: "
+        f"sensitivity {metrics['val_sensitivity_at_threshold']:.3f}, "
+        f"specificity {metrics['val_specificity_at_threshold']:.3f}."
+    )

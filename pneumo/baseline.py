@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from pneumo import models, tracking
-from pneumo.config import DataConfig, DenseConfig, TrainConfig
+from pneumo.config import DataConfig, DenseConfig, RunConfigs, TrainConfig
 from pneumo.training import train_model
 
 
 def baseline(data: DataConfig, train: TrainConfig, dense: DenseConfig) -> str:
     """Entry point ``baseline``: the notebook's dense network on oversampled training data."""
-    with tracking.start_run("baseline", data, train, dense) as run:
-        train_model(
-            "baseline",
-            lambda: models.build_dense(data.image_size, data.channels, dense.l2),
-            data,
-            train,
-            configs={"data": data, "train": train, "dense": dense},
-        )
+    configs = RunConfigs("baseline", data, train, dense)
+    with tracking.start_run(configs) as run:
+        train_model(configs, lambda: models.build_dense(data.image_size, data.channels, dense.l2))
         return run.info.run_id

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from pneumo import models, tracking
-from pneumo.config import DataConfig, TrainConfig
+from pneumo.config import DataConfig, RunConfigs, TrainConfig
 from pneumo.training import train_model
 
 
 def cnn(data: DataConfig, train: TrainConfig) -> str:
     """Entry point ``cnn``: the notebook's 3-block CNN without augmentation."""
-    with tracking.start_run("cnn", data, train) as run:
-        train_model(
-            "cnn",
-            lambda: models.build_notebook_cnn(data.image_size, data.channels),
-            data,
-            train,
-            configs={"data": data, "train": train},
-        )
+    configs = RunConfigs("cnn", data, train)
+    with tracking.start_run(configs) as run:
+        train_model(configs, lambda: models.build_notebook_cnn(data.image_size, data.channels))
         return run.info.run_id

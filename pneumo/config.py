@@ -18,9 +18,11 @@ import json
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pneumo.errors import ConfigError
+
+T = TypeVar("T")
 
 # Validation metrics that steer early stopping, checkpoints and tuning, and whether higher is better.
 Monitor = Literal["val_auc", "val_loss"]
@@ -252,6 +254,55 @@ class TuneConfig(_Checked):
         return sizes
 
 
+def config_name(config: Any) -> str:
+    """The name a config goes by in ``model_config.json``: ``TrainConfig`` -> ``train``."""
+    return type(config).__name__.removesuffix("Config").lower()
+
+
+class RunConfigs:
+    """Every config of one run, built once by its entry point.
+
+    :func:`pneumo.tracking.start_run` logs them as params, the training loop reads ``data``,
+    ``train`` and ``augment`` from them, and the logged model saves them by :func:`config_name`.
+
+    Args:
+        entry_point: The run's entry point (tag ``pneumo.entry_point``; titles; the model config).
+        *configs: Its config dataclasses, at most one of each type.
+    """
+
+    def __init__(self, entry_point: str, *configs: Any):
+        self.entry_point = entry_point
+        self.configs = configs
+        self._by_type = {type(config): config for config in configs}
+        if len(self._by_type) != len(configs):
+            raise ValueError(f"more than one config of a type in {[type(c).__name__ for c in configs]}")
+
+    def get(self, kind: type[T]) -> T | None:
+        """The config of type ``kind``, or None when the run has none."""
+        return self._by_type.get(kind)
+
+    @property
+    def data(self) -> DataConfig:
+        return self._by_type[DataConfig]
+
+    @property
+    def train(self) -> TrainConfig:
+        return self._by_type[TrainConfig]
+
+    @property
+    def augment(self) -> AugmentConfig | None:
+        """The augmentation ranges; None for a run that trains without augmentation."""
+        return self.get(AugmentConfig)
+
+    def params(self) -> dict[str, Any]:
+        """Every field, flat, as MLflow params."""
+        return flatten(*self.configs)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """``{config name: fields}``, as saved with the model."""
+        return {config_name(config): dataclasses.asdict(config) for config in self.configs}
+
+
 def _parse_bool(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "y", "on"):
@@ -391,6 +442,7 @@ __all__ = [
     "DenseConfig",
     "EvalConfig",
     "ResNetConfig",
+    "RunConfigs",
     "TrainConfig",
     "TuneConfig",
     "build_parser",

@@ -18,10 +18,11 @@ import functools
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
-import mlflow
 import numpy as np
 from scikeras.wrappers import KerasClassifier
 from sklearn.base import clone
@@ -29,7 +30,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_validate
 from sklearn.utils import ClassifierTags
 
 from pneumo import metrics, models, pipeline, plots, tracking, training
-from pneumo.config import CVConfig, DataConfig, TrainConfig
+from pneumo.config import CVConfig, DataConfig, RunConfigs, TrainConfig
 from pneumo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,135 @@ def fold_splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> lis
     return splits
 
 
+@dataclass
+class Folds:
+    """Cross-validation of the training split: every fold's fitted estimator, scores and predictions."""
+
+    estimator: BinaryKerasClassifier  # the unfitted estimator each fold was a clone of
+    splits: list[tuple[np.ndarray, np.ndarray]]  # (fit, held-out) indices per fold
+    fitted: list[BinaryKerasClassifier]
+    scores: dict[str, np.ndarray]  # SCORING name -> held-out score per fold
+    fit_seconds: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    out_of_fold: np.ndarray  # each image's probability from the fold that held it out
+    fold_of: np.ndarray  # each image's fold number (from 1)
+
+    def summary(self) -> dict[str, float]:
+        """Mean and standard deviation of each score, and the pooled out-of-fold ROC AUC and accuracy."""
+        # ddof=1: an estimate of how much a fold's score varies, not the spread of these k alone.
+        summary = {
+            f"cv_{name}_{stat}": float(fn(values))
+            for name, values in self.scores.items()
+            for stat, fn in (("mean", np.mean), ("std", lambda v: np.std(v, ddof=1)))
+        }
+        pooled = metrics.binary_metrics(self.y, self.out_of_fold, 0.5)
+        summary["cv_oof_roc_auc"], summary["cv_oof_accuracy"] = pooled["roc_auc"], pooled["accuracy"]
+        return summary
+
+    def report(self) -> list[dict[str, Any]]:
+        """One entry per fold: sizes, patients, class balance, scores, fit time and training history."""
+        return [
+            {
+                "fold": number,
+                "n_fit": len(fit_index),
+                "n_test": len(test_index),
+                "test_patients": int(len(np.unique(self.groups[test_index]))),
+                "test_pneumonia_fraction": float(self.y[test_index].mean()),
+                **{name: float(values[number - 1]) for name, values in self.scores.items()},
+                "fit_seconds": float(self.fit_seconds[number - 1]),
+                "history": {k: [float(v) for v in values] for k, values in fitted.model_.history.history.items()},
+            }
+            for number, ((fit_index, test_index), fitted) in enumerate(zip(self.splits, self.fitted), start=1)
+        ]
+
+
+def cross_validate_training_split(
+    images: pipeline.ImageSet, data: DataConfig, train: TrainConfig, config: CVConfig
+) -> Folds:
+    """Fit and score the estimator on patient-grouped, stratified folds of the training images."""
+    X, y, groups = cv_arrays(images)
+    splits = fold_splits(y, groups, config.folds, data.seed)
+    estimator = make_estimator(data, train, config)
+    results = cross_validate(
+        estimator, X, y, groups=groups, cv=splits, scoring=SCORING, return_estimator=True, error_score="raise"
+    )
+    out_of_fold, fold_of = np.empty(len(y)), np.empty(len(y), dtype=int)
+    for number, ((_, held_out), fitted) in enumerate(zip(splits, results["estimator"]), start=1):
+        out_of_fold[held_out] = fitted.predict_proba(X[held_out])[:, 1]
+        fold_of[held_out] = number
+    return Folds(
+        estimator=estimator,
+        splits=splits,
+        fitted=list(results["estimator"]),
+        scores={name: np.asarray(results[f"test_{name}"], dtype=float) for name in SCORING},
+        fit_seconds=np.asarray(results["fit_time"], dtype=float),
+        y=y,
+        groups=groups,
+        out_of_fold=out_of_fold,
+        fold_of=fold_of,
+    )
+
+
+def log_folds(folds: Folds, images: pipeline.ImageSet) -> dict[str, float]:
+    """Log the fold scores (metric ``cv_fold_<score>``, step = fold), their summary, report and figures.
+
+    Returns:
+        The summary (see :meth:`Folds.summary`).
+    """
+    for number in range(1, len(folds.splits) + 1):
+        tracking.log_metrics({f"cv_fold_{name}": values[number - 1] for name, values in folds.scores.items()}, number)
+    summary = folds.summary()
+    tracking.log_metrics(summary)
+    log.info(
+        "cv over %d folds: accuracy %.3f +/- %.3f, ROC AUC %.3f +/- %.3f (pooled out-of-fold %.3f)",
+        len(folds.splits),
+        summary["cv_accuracy_mean"],
+        summary["cv_accuracy_std"],
+        summary["cv_roc_auc_mean"],
+        summary["cv_roc_auc_std"],
+        summary["cv_oof_roc_auc"],
+    )
+    tracking.log_json({"folds": folds.report(), "summary": summary}, "cv_folds.json")
+    tracking.log_figure(
+        plots.plot_folds([e.model_.history.history for e in folds.fitted], folds.scores), "plots/cv_folds.png"
+    )
+    tracking.log_figure(
+        plots.plot_confusion_matrix(folds.y, folds.out_of_fold, 0.5, "cv: pooled out-of-fold"),
+        "plots/confusion_matrix_oof_0.5.png",
+    )
+    tracking.log_json(metrics.confusion_counts(folds.y, folds.out_of_fold, 0.5), "confusion_matrix_oof.json")
+    tracking.log_dataframe(
+        images.frame[["path", "patient_id", "label"]].assign(fold=folds.fold_of, probability=folds.out_of_fold),
+        "oof_predictions.csv",
+    )
+    return summary
+
+
+def refit_and_log(
+    configs: RunConfigs, estimator: BinaryKerasClassifier, data: training.TrainingData, summary: dict[str, float]
+) -> None:
+    """Repeat the cross-validated procedure on all training images and log it as the run's model.
+
+    The validation split is only watched (per-epoch ``val_*`` metrics), never used to stop; it
+    chooses the threshold, as for every other entry point.
+    """
+    X, y, _ = cv_arrays(data.train)
+    final = clone(estimator).set_params(callbacks=[training.MlflowEpochLogger()])
+    final.fit(X, y, validation_data=(data.val.images, data.val.labels.astype(np.float32)))
+    probabilities, threshold, val_metrics = training.evaluate_validation(
+        final.model_, data.val, configs.train.target_sensitivity
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "final.keras"
+        final.model_.save(checkpoint)
+        history = final.model_.history.history
+        result = training.TrainResult(
+            final.model_, history, probabilities, threshold, val_metrics, checkpoint, {"cross_validation": summary}
+        )
+        training.log_outputs(configs, result, data)
+
+
 def cv(data: DataConfig, train: TrainConfig, cv_config: CVConfig) -> str:
     """Entry point ``cv``: k-fold cross-validation (patient-grouped, stratified) of the L2 dense net.
 
@@ -166,107 +296,32 @@ def cv(data: DataConfig, train: TrainConfig, cv_config: CVConfig) -> str:
     Args:
         data: Data settings (default 64x64 RGB, as in the notebook).
         train: Optimisation settings; ``balance`` picks oversampling or class weights.
-        cv: Number of folds and L2 factor.
+        cv_config: Number of folds and L2 factor.
 
     Returns:
         The MLflow run id.
     """
-    with tracking.start_run("cv", data, train, cv_config) as run:
-        keras.utils.set_random_seed(data.seed)
-        mlflow.log_param("dtype_policy", training.set_precision(train.precision))
+    configs = RunConfigs("cv", data, train, cv_config)
+    with tracking.start_run(configs) as run:
+        training.set_up_keras(data.seed, train.precision)
         # Folds come from the training split only: the validation split stays untouched by
         # cross-validation so that it can choose the refitted model's threshold without bias
         # and its metrics compare directly with those of baseline, cnn and aug_cnn.
-        data_dir, train_set, val_set = training.load_splits(data)
-        X, y, groups = cv_arrays(train_set)
-        splits = fold_splits(y, groups, cv_config.folds, data.seed)
-        estimator = make_estimator(data, train, cv_config)
-        results = cross_validate(
-            estimator,
-            X,
-            y,
-            groups=groups,
-            cv=splits,
-            scoring=SCORING,
-            return_estimator=True,
-            error_score="raise",
-        )
-        scores = {name: np.asarray(results[f"test_{name}"], dtype=float) for name in SCORING}
-
-        out_of_fold = np.empty(len(y))
-        fold_of = np.empty(len(y), dtype=int)
-        folds_report = []
-        for number, ((fit_index, test_index), fitted) in enumerate(zip(splits, results["estimator"]), start=1):
-            out_of_fold[test_index] = fitted.predict_proba(X[test_index])[:, 1]
-            fold_of[test_index] = number
-            mlflow.log_metrics({f"cv_fold_{name}": float(scores[name][number - 1]) for name in SCORING}, step=number)
-            mlflow.log_metrics({f"fold_{number}_{name}": float(scores[name][number - 1]) for name in SCORING})
-            folds_report.append(
-                {
-                    "fold": number,
-                    "n_fit": len(fit_index),
-                    "n_test": len(test_index),
-                    "test_patients": int(len(np.unique(groups[test_index]))),
-                    "test_pneumonia_fraction": float(y[test_index].mean()),
-                    **{name: float(scores[name][number - 1]) for name in SCORING},
-                    "fit_seconds": float(results["fit_time"][number - 1]),
-                    "history": {k: [float(v) for v in values] for k, values in fitted.model_.history.history.items()},
-                }
-            )
-        # ddof=1: an estimate of how much a fold's score varies, not the spread of these k alone.
-        summary = {
-            f"cv_{name}_{stat}": float(fn(values))
-            for name, values in scores.items()
-            for stat, fn in (("mean", np.mean), ("std", lambda v: np.std(v, ddof=1)))
-        }
-        pooled = metrics.binary_metrics(y, out_of_fold, 0.5)
-        summary["cv_oof_roc_auc"], summary["cv_oof_accuracy"] = pooled["roc_auc"], pooled["accuracy"]
-        mlflow.log_metrics(summary)
-        log.info(
-            "cv over %d folds: accuracy %.3f +/- %.3f, ROC AUC %.3f +/- %.3f (pooled out-of-fold %.3f)",
-            cv_config.folds,
-            summary["cv_accuracy_mean"],
-            summary["cv_accuracy_std"],
-            summary["cv_roc_auc_mean"],
-            summary["cv_roc_auc_std"],
-            summary["cv_oof_roc_auc"],
-        )
-        tracking.log_json({"folds": folds_report, "summary": summary}, "cv_folds.json")
-        tracking.log_figure(
-            plots.plot_folds([e.model_.history.history for e in results["estimator"]], scores), "plots/cv_folds.png"
-        )
-        tracking.log_figure(
-            plots.plot_confusion_matrix(y, out_of_fold, 0.5, "cv: pooled out-of-fold"),
-            "plots/confusion_matrix_oof_0.5.png",
-        )
-        tracking.log_json(metrics.confusion_counts(y, out_of_fold, 0.5), "confusion_matrix_oof.json")
-        tracking.log_dataframe(
-            train_set.frame[["path", "patient_id", "label"]].assign(fold=fold_of, probability=out_of_fold),
-            "oof_predictions.csv",
-        )
-
-        # The logged model repeats the cross-validated procedure on all training images; the
-        # validation split is only watched (per-epoch val_* metrics), never used to stop.
-        final = clone(estimator).set_params(callbacks=[training.MlflowEpochLogger()])
-        final.fit(X, y, validation_data=(val_set.images, val_set.labels.astype(np.float32)))
-        probabilities, threshold, val_metrics = training.evaluate_validation(
-            final.model_, val_set, train.target_sensitivity
-        )
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = Path(folder) / "final.keras"
-            final.model_.save(checkpoint)
-            result = training.TrainResult(
-                final.model_,
-                final.model_.history.history,
-                probabilities,
-                val_set.labels,
-                threshold,
-                val_metrics,
-                checkpoint,
-                extra={"cross_validation": summary},
-            )
-            training.log_outputs("cv", result, val_set, data_dir, data, {"data": data, "train": train, "cv": cv})
+        images = training.load_training_data(data)
+        folds = cross_validate_training_split(images.train, data, train, cv_config)
+        summary = log_folds(folds, images.train)
+        refit_and_log(configs, folds.estimator, images, summary)
         return run.info.run_id
 
 
-__all__ = ["BinaryKerasClassifier", "cv_arrays", "fold_splits", "cv", "make_estimator"]
+__all__ = [
+    "BinaryKerasClassifier",
+    "Folds",
+    "cross_validate_training_split",
+    "cv",
+    "cv_arrays",
+    "fold_splits",
+    "log_folds",
+    "make_estimator",
+    "refit_and_log",
+]

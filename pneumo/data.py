@@ -3,18 +3,23 @@
 The split manifest is a CSV with one row per usable image: its path relative to the data folder,
 label name, label (NORMAL = 0, PNEUMONIA = 1 everywhere), patient id, split (train/val/test),
 SHA-256 of its bytes, width, height and PIL mode. It is the single source of truth about which
-image belongs where; the data folder itself is only ever read.
+image belongs where; the data folder itself is only ever read. A :class:`Manifest` is made now
+(:func:`prepare_manifest`) or read from a file (:func:`load_manifest`); logging it to MLflow, or
+fetching one a run logged, is :mod:`pneumo.tracking`'s part.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +27,7 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumo import CLASS_NAMES
+from pneumo.config import DataConfig
 from pneumo.errors import DataError
 from pneumo.preprocessing import ImageError, check_dimensions
 
@@ -30,6 +36,9 @@ log = logging.getLogger(__name__)
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 MANIFEST_COLUMNS = ["path", "label_name", "label", "patient_id", "split", "sha256", "width", "height", "mode"]
 SPLITS = ("train", "val", "test")
+# File names of a manifest and of the metadata beside it (also their MLflow artifact names).
+MANIFEST_FILE = "manifest.csv"
+MANIFEST_META_FILE = "manifest_meta.json"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 # File-name patterns of the Kermany et al. dataset; the captured group identifies the patient.
@@ -313,3 +322,79 @@ def split_frame(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     if rows.empty:
         raise DataError(f"the manifest has no '{split}' images (the official test split may be absent)")
     return rows
+
+
+def manifest_digest(manifest: pd.DataFrame) -> str:
+    """Short digest of a manifest's content (paths, splits, labels, file hashes)."""
+    text = manifest[["path", "split", "label", "sha256"]].to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    """A split manifest, the folder its paths are relative to, and how it was made."""
+
+    frame: pd.DataFrame
+    data_dir: Path
+    # How it was made (seed, val_fraction, counts, ...), as in manifest_meta.json; may be empty.
+    meta: dict[str, Any]
+    # The files discovery excluded, with the reason; None for a manifest read from a file.
+    rejected: pd.DataFrame | None = None
+
+    @cached_property
+    def digest(self) -> str:
+        return manifest_digest(self.frame)
+
+    def split(self, name: str) -> pd.DataFrame:
+        """Rows of one split (see :func:`split_frame`)."""
+        return split_frame(self.frame, name)
+
+    def meta_json(self) -> dict[str, Any]:
+        """The metadata to store beside the manifest: with it, the manifest can be read back alone."""
+        return {**self.meta, "data_dir": str(self.data_dir), "digest": self.digest}
+
+
+def prepare_manifest(config: DataConfig) -> Manifest:
+    """Find, validate and split the images now (never writing into the data folder).
+
+    Args:
+        config: ``data_dir``, ``val_fraction``, ``val_scheme``, ``limit_per_class`` and ``seed``.
+
+    Returns:
+        The manifest, with the excluded files in ``rejected``.
+    """
+    data_dir = resolve_data_dir(config.data_dir)
+    found = discover(data_dir)
+    frame = build_manifest(found.images, config.val_fraction, config.seed, config.val_scheme, config.limit_per_class)
+    counts = frame.groupby(["split", "label_name"]).size()
+    meta = {
+        "val_fraction": config.val_fraction,
+        "val_scheme": config.val_scheme,
+        "seed": config.seed,
+        "limit_per_class": config.limit_per_class,
+        "counts": {f"{split}/{name}": int(n) for (split, name), n in counts.items()},
+        "rejected": len(found.rejected),
+        "patients": {split: int(patient_key(rows).nunique()) for split, rows in frame.groupby("split", sort=False)},
+    }
+    manifest = Manifest(frame, data_dir, meta, found.rejected)
+    log.info("manifest %s: %s; %d file(s) rejected", manifest.digest, meta["counts"], meta["rejected"])
+    return manifest
+
+
+def load_manifest(path: str | Path, data_dir: str = "") -> Manifest:
+    """Read a manifest CSV, and the metadata file beside it when there is one.
+
+    Args:
+        path: The CSV.
+        data_dir: The folder its paths are relative to; empty = the one its metadata names, else
+            the usual search (see :func:`resolve_data_dir`).
+
+    Raises:
+        DataError: The file breaks the manifest format, or no data folder can be found.
+    """
+    path = Path(path)
+    meta_path = path.with_name(MANIFEST_META_FILE)
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    stored_dir = meta.pop("data_dir", "")
+    meta.pop("digest", None)  # recomputed from the rows
+    return Manifest(read_manifest(path), resolve_data_dir(data_dir or stored_dir), meta)

@@ -41,6 +41,12 @@ def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray, tar
     return float(min(threshold, 1.0))
 
 
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC AUC; NaN (undefined) when the labels hold only one class."""
+    labels = np.asarray(labels).astype(int)
+    return float(roc_auc_score(labels, probabilities)) if len(np.unique(labels)) == 2 else float("nan")
+
+
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
     """Clinical metrics at one threshold, plus threshold-free AUCs and the Brier score.
 
@@ -58,7 +64,7 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     both_classes = len(np.unique(labels)) == 2
     return {
         "accuracy": ratio(tp + tn, len(labels)),
-        "roc_auc": float(roc_auc_score(labels, probabilities)) if both_classes else float("nan"),
+        "roc_auc": roc_auc(labels, probabilities),
         "pr_auc": float(average_precision_score(labels, probabilities)) if both_classes else float("nan"),
         "sensitivity": ratio(tp, tp + fn),
         "specificity": ratio(tn, tn + fp),

@@ -2,7 +2,8 @@
 
 Promotion is decided on validation ROC AUC, recomputed for both models on the same validation
 images (so a model evaluated on another manifest cannot win on an easier split). Only aliases
-are used; MLflow's stages are deprecated.
+are used; MLflow's stages are deprecated. :func:`register_evaluated` is the whole of it: the
+lookup, both AUCs, the registration, and what the evaluation run logs about it.
 """
 
 from __future__ import annotations
@@ -10,16 +11,24 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import mlflow
+import numpy as np
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from pneumo import metrics, model_io, plots, tracking
+from pneumo.model_io import TrainedModel
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+
+# Labels and probabilities of pneumonia of a model on the validation split both models are judged on.
+Scorer = Callable[[TrainedModel], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -71,7 +80,66 @@ def decide(candidate_auc: float, champion_auc: float | None) -> tuple[str, str]:
     return CHALLENGER, f"validation ROC AUC {candidate_auc:.4f} does not beat the champion's {champion_auc:.4f}"
 
 
-def register(
+def register_evaluated(trained: TrainedModel, name: str, score: Scorer, manifest_digest: str) -> Decision | None:
+    """Register an evaluated model as a new version of ``name`` and set its alias; log why to the active run.
+
+    The candidate's and the current champion's validation ROC AUC are both computed by ``score``
+    (on the same images); ``champion`` moves only to a strictly better model (see :func:`decide`).
+    The run logs ``registration.json``, the two AUCs as metrics, tags ``pneumo.registered_version``
+    and ``pneumo.alias``, and both ROC curves.
+
+    Args:
+        trained: The evaluated model.
+        name: Registered model name (e.g. ``pneumonia-classifier``).
+        score: Predicts the validation split with a model.
+        manifest_digest: Digest of the manifest whose validation split is used.
+
+    Returns:
+        The decision, or None when this model (same run) already is the champion.
+    """
+    champion = current_champion(name)
+    if champion is not None and trained.run_id and champion.run_id == trained.run_id:
+        log.info(
+            "run %s already is %s@%s (version %s); nothing registered", trained.run_id, name, CHAMPION, champion.version
+        )
+        mlflow.set_tag("pneumo.registration", f"already champion (version {champion.version})")
+        return None
+    labels, probabilities = score(trained)
+    candidate_auc = metrics.roc_auc(labels, probabilities)
+    curves = {f"candidate ({trained.run_id[:8] if trained.run_id else trained.uri})": (labels, probabilities)}
+    champion_auc = None
+    if champion is not None:
+        champion_curve = score(model_io.load_trained_model(f"models:/{name}@{CHAMPION}"))
+        champion_auc = metrics.roc_auc(*champion_curve)
+        curves[f"champion v{champion.version}"] = champion_curve
+    decision = _register_version(
+        f"models:/{trained.model_id}" if trained.model_id else trained.uri,
+        name,
+        candidate_auc,
+        champion,
+        champion_auc,
+        tags={
+            "val_roc_auc": f"{candidate_auc:.6f}",
+            "manifest_digest": manifest_digest,
+            "evaluation_run_id": mlflow.active_run().info.run_id,
+        },
+    )
+    tracking.log_metrics({"registration_candidate_val_roc_auc": candidate_auc})
+    if champion_auc is not None:
+        tracking.log_metrics({"registration_champion_val_roc_auc": champion_auc})
+    mlflow.set_tags({"pneumo.registered_version": decision.version, "pneumo.alias": decision.alias})
+    tracking.log_json(
+        {**decision.as_dict(), "manifest_digest": manifest_digest, "n_val_images": int(len(labels))},
+        "registration.json",
+    )
+    tracking.log_figure(
+        plots.plot_registration(curves, f"Registration: validation ROC ({decision.alias}: {decision.reason})"),
+        "plots/registration_roc.png",
+    )
+    return decision
+
+
+def _register_version(
     model_uri: str,
     name: str,
     candidate_auc: float,

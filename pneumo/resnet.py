@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 
 from pneumo import models, tracking
-from pneumo.config import DataConfig, ResNetConfig, TrainConfig, replace_fields
+from pneumo.config import DataConfig, ResNetConfig, RunConfigs, TrainConfig, replace_fields
 from pneumo.errors import ConfigError
 from pneumo.pipeline import ImageSet
 from pneumo.training import (
@@ -26,10 +25,10 @@ from pneumo.training import (
     compile_model,
     evaluate_validation,
     fit,
-    load_splits,
+    load_training_data,
     log_outputs,
     make_optimizer,
-    set_precision,
+    set_up_keras,
 )
 
 log = logging.getLogger(__name__)
@@ -46,15 +45,15 @@ def extract_features(base: keras.Model, data: ImageSet, batch_size: int = 64) ->
     return ImageSet(features, data.labels, data.frame)
 
 
-def resnet_base(data: DataConfig, resnet: ResNetConfig) -> keras.Model:
-    """The frozen base for ``resnet.weights``; weights that cannot be had are the user's to fix.
+def resnet_base(data: DataConfig, config: ResNetConfig) -> keras.Model:
+    """The frozen base for ``config.weights``; weights that cannot be had are the user's to fix.
 
     Raises:
         ConfigError: The ImageNet download failed (offline) or the weights file does not exist;
             :func:`pneumo.models.build_resnet_base` raises these as RuntimeError and FileNotFoundError.
     """
     try:
-        return models.build_resnet_base(data.image_size, data.channels, resnet.weights)
+        return models.build_resnet_base(data.image_size, data.channels, config.weights)
     except (RuntimeError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
 
@@ -64,15 +63,15 @@ def fine_tune(
     train_set: ImageSet,
     val_set: ImageSet,
     train: TrainConfig,
-    resnet: ResNetConfig,
+    config: ResNetConfig,
     seed: int,
     checkpoint: Path,
     step_offset: int,
 ) -> dict[str, list[float]]:
     """Second stage: unfreeze ResNet50's last block (BatchNorm frozen) and train at a low learning rate."""
     unfrozen = models.unfreeze_top_block(model)
-    log.info("fine-tuning %d layers of the last block for %d epochs", unfrozen, resnet.fine_tune_epochs)
-    stage = replace_fields(train, epochs=resnet.fine_tune_epochs, learning_rate=resnet.fine_tune_learning_rate)
+    log.info("fine-tuning %d layers of the last block for %d epochs", unfrozen, config.fine_tune_epochs)
+    stage = replace_fields(train, epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate)
     return fit(
         model, train_set, val_set, stage, None, seed + 1, checkpoint, step_offset=step_offset, prefix="fine_tune_"
     )
@@ -80,16 +79,15 @@ def fine_tune(
 
 def resnet(data: DataConfig, train: TrainConfig, resnet_config: ResNetConfig) -> str:
     """Entry point ``resnet``: ResNet50 features, a trained head, optional fine-tuning; returns the run id."""
-    configs = {"data": data, "train": train, "resnet": resnet}
-    with tracking.start_run("resnet", data, train, resnet_config) as run:
-        keras.utils.set_random_seed(data.seed)
-        mlflow.log_param("dtype_policy", set_precision(train.precision))
+    configs = RunConfigs("resnet", data, train, resnet_config)
+    with tracking.start_run(configs) as run:
+        set_up_keras(data.seed, train.precision)
         base = resnet_base(data, resnet_config)
-        data_dir, train_set, val_set = load_splits(data)
+        images = load_training_data(data)
 
         started = time.perf_counter()
-        train_features, val_features = extract_features(base, train_set), extract_features(base, val_set)
-        mlflow.log_metric("feature_extraction_seconds", time.perf_counter() - started)
+        train_features, val_features = extract_features(base, images.train), extract_features(base, images.val)
+        tracking.log_metrics({"feature_extraction_seconds": time.perf_counter() - started})
 
         head = models.build_resnet_head(train_features.images.shape[1:], resnet_config)
         with tempfile.TemporaryDirectory() as folder:
@@ -98,13 +96,12 @@ def resnet(data: DataConfig, train: TrainConfig, resnet_config: ResNetConfig) ->
             model = models.stack_resnet(base, head)
             if resnet_config.fine_tune_epochs > 0:
                 tuned = fine_tune(
-                    model, train_set, val_set, train, resnet_config, data.seed, checkpoint, len(history["loss"])
+                    model, images.train, images.val, train, resnet_config, data.seed, checkpoint, len(history["loss"])
                 )
                 history = {k: history[k] + tuned.get(k, []) for k in history}
             else:
                 compile_model(model, make_optimizer(train, 1))
                 model.save(checkpoint)
-            probabilities, threshold, metrics = evaluate_validation(model, val_set, train.target_sensitivity)
-            result = TrainResult(model, history, probabilities, val_set.labels, threshold, metrics, checkpoint)
-            log_outputs("resnet", result, val_set, data_dir, data, configs)
+            probabilities, threshold, val_metrics = evaluate_validation(model, images.val, train.target_sensitivity)
+            log_outputs(configs, TrainResult(model, history, probabilities, threshold, val_metrics, checkpoint), images)
         return run.info.run_id

@@ -1,10 +1,12 @@
-"""MLflow plumbing shared by the entry points: runs, tags, artifacts and the split manifest."""
+"""MLflow plumbing shared by the entry points: runs, tags, metrics, artifacts, and the manifest's records.
+
+Making or reading a manifest is :mod:`pneumo.data`'s work; fetching the one a run logged and
+logging one to the active run is done here.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import subprocess
 import tempfile
@@ -19,14 +21,12 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pneumo import data as data_lib
-from pneumo.config import DataConfig, flatten, json_text
+from pneumo.config import DataConfig, RunConfigs, json_text
+from pneumo.data import MANIFEST_FILE, MANIFEST_META_FILE, Manifest, load_manifest, prepare_manifest, read_manifest
 from pneumo.errors import DataError
 from pneumo.plots import plot_class_distribution
 
 log = logging.getLogger(__name__)
-MANIFEST_ARTIFACT = "manifest.csv"
-MANIFEST_META_ARTIFACT = "manifest_meta.json"
 REJECTED_ARTIFACT = "rejected_files.csv"
 ENTRY_POINT_TAG = "pneumo.entry_point"
 
@@ -46,28 +46,25 @@ def git_commit() -> str | None:
 
 
 @contextlib.contextmanager
-def start_run(
-    entry_point: str, *configs: Any, nested: bool = False, run_name: str | None = None
-) -> Iterator[mlflow.ActiveRun]:
+def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under ``mlflow run``, resume) a run; log every config field and the standard tags.
 
     Args:
-        entry_point: Name of the entry point, stored in the ``pneumo.entry_point`` tag.
-        *configs: Dataclass instances whose fields are logged as params.
+        configs: The run's configs: every field is logged as a param; the entry point is stored in
+            the ``pneumo.entry_point`` tag.
         nested: Start a child run of the active run.
         run_name: Display name; defaults to MLflow's generated name.
     """
     with mlflow.start_run(nested=nested, run_name=run_name) as run:
-        tags = {ENTRY_POINT_TAG: entry_point}
+        tags = {ENTRY_POINT_TAG: configs.entry_point}
         commit = git_commit()
         if commit:
             tags["git_commit"] = commit
         mlflow.set_tags(tags)
-        if configs:
-            # Under `mlflow run` the entry point's parameters are already logged, shell-quoted (""
-            # as "''"), and MLflow refuses to change a param: log only the others.
-            logged = MlflowClient().get_run(run.info.run_id).data.params
-            mlflow.log_params({k: v for k, v in flatten(*configs).items() if k not in logged})
+        # Under `mlflow run` the entry point's parameters are already logged, shell-quoted (""
+        # as "''"), and MLflow refuses to change a param: log only the others.
+        logged = MlflowClient().get_run(run.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in configs.params().items() if k not in logged})
         yield run
 
 
@@ -90,22 +87,25 @@ def log_dataframe(frame: pd.DataFrame, artifact_file: str) -> None:
         mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 
-def manifest_digest(manifest: pd.DataFrame) -> str:
-    """Short digest of a manifest's content (paths, splits, labels, file hashes)."""
-    text = manifest[["path", "split", "label", "sha256"]].to_csv(index=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log metrics as floats, NaN included.
+
+    The one policy for undefined values: they are logged, not dropped, because "NPV undefined at
+    0.5 (nothing predicted normal)" or "training loss became NaN" is a finding.
+    """
+    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
 
 
-def log_manifest_input(manifest: pd.DataFrame, data_dir: Path, context: str) -> None:
+def _log_manifest_input(manifest: Manifest, context: str) -> None:
     """Record the manifest as an MLflow dataset input (with its digest) of the active run."""
     with warnings.catch_warnings():  # MLflow's notes on source ambiguity and integer columns
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(
-            manifest,
-            source=str(data_dir),
+            manifest.frame,
+            source=str(manifest.data_dir),
             targets="label",
             name="chest_xray_manifest",
-            digest=manifest_digest(manifest),
+            digest=manifest.digest,
         )
         try:  # the schema is inferred lazily, here, hence inside the filter
             mlflow.log_input(dataset, context=context)
@@ -118,93 +118,60 @@ def log_manifest_input(manifest: pd.DataFrame, data_dir: Path, context: str) -> 
             mlflow.log_input(dataset, context=context)
 
 
-def prepare_manifest(config: DataConfig, context: str = "prepare") -> tuple[pd.DataFrame, Path]:
-    """Discover, validate and split the images; log manifest, report and plot to the active run.
+def log_manifest(manifest: Manifest, context: str) -> None:
+    """Log a manifest to the active run: what every run records about the images it used.
 
-    Never writes into the data folder.
+    Always the manifest (``manifest.csv``), its metadata (``manifest_meta.json``, so that this run's
+    id can be the ``manifest`` of later runs) and an MLflow dataset input with its digest. For a
+    manifest made now also the discovery report: ``rejected_files.csv``, the class distribution
+    plot and the counts as metrics.
 
     Args:
-        config: Data settings (``data_dir``, ``val_fraction``, ``val_scheme``, ``seed``, ...).
-        context: Dataset-input context (``prepare``, or ``training`` when a training run
-            prepares its own manifest).
-
-    Returns:
-        The manifest and the resolved data folder.
+        manifest: The manifest.
+        context: Dataset-input context: ``prepare``, ``training`` or ``evaluation``.
     """
-    data_dir = data_lib.resolve_data_dir(config.data_dir)
-    found = data_lib.discover(data_dir)
-    manifest = data_lib.build_manifest(
-        found.images, config.val_fraction, config.seed, config.val_scheme, config.limit_per_class
-    )
-    counts = manifest.groupby(["split", "label_name"]).size()
-    meta = {
-        "data_dir": str(data_dir),
-        "digest": manifest_digest(manifest),
-        "val_fraction": config.val_fraction,
-        "val_scheme": config.val_scheme,
-        "seed": config.seed,
-        "limit_per_class": config.limit_per_class,
-        "counts": {f"{split}/{name}": int(n) for (split, name), n in counts.items()},
-        "rejected": len(found.rejected),
-        "patients": {
-            s: int(manifest.loc[manifest["split"] == s, "patient_id"].nunique()) for s in manifest["split"].unique()
-        },
-    }
-    log_dataframe(manifest, MANIFEST_ARTIFACT)
-    log_json(meta, MANIFEST_META_ARTIFACT)
-    log_dataframe(found.rejected, REJECTED_ARTIFACT)
-    log_figure(plot_class_distribution(manifest), "plots/class_distribution.png")
-    mlflow.log_metrics({f"n_{split}_{name.lower()}": int(n) for (split, name), n in counts.items()})
-    mlflow.log_metric("n_rejected", len(found.rejected))
-    log_manifest_input(manifest, data_dir, context=context)
-    log.info("manifest %s: %s; %d file(s) rejected", meta["digest"], meta["counts"], meta["rejected"])
-    return manifest, data_dir
+    log_dataframe(manifest.frame, MANIFEST_FILE)
+    log_json(manifest.meta_json(), MANIFEST_META_FILE)
+    if manifest.rejected is not None:
+        log_dataframe(manifest.rejected, REJECTED_ARTIFACT)
+        log_figure(plot_class_distribution(manifest.frame), "plots/class_distribution.png")
+        counts = manifest.frame.groupby(["split", "label_name"]).size()
+        log_metrics({f"n_{split}_{name.lower()}": n for (split, name), n in counts.items()})
+        log_metrics({"n_rejected": len(manifest.rejected)})
+    _log_manifest_input(manifest, context)
 
 
-def _manifest_from_run(run_id: str) -> tuple[pd.DataFrame, dict]:
+def _download_manifest(run_id: str, folder: str) -> Path:
+    """Download a run's manifest (and its metadata, when logged) into ``folder``; returns the CSV."""
     client = MlflowClient()
+    if any(a.path == MANIFEST_META_FILE for a in client.list_artifacts(run_id)):
+        client.download_artifacts(run_id, MANIFEST_META_FILE, folder)
+    return Path(client.download_artifacts(run_id, MANIFEST_FILE, folder))
+
+
+def run_manifest_frame(run_id: str) -> pd.DataFrame:
+    """The rows of the manifest a run logged (only the rows: its data folder need not exist here)."""
     with tempfile.TemporaryDirectory() as folder:
-        csv_path = client.download_artifacts(run_id, MANIFEST_ARTIFACT, folder)
-        has_meta = any(a.path == MANIFEST_META_ARTIFACT for a in client.list_artifacts(run_id))
-        meta = (
-            json.loads(Path(client.download_artifacts(run_id, MANIFEST_META_ARTIFACT, folder)).read_text())
-            if has_meta
-            else {}
-        )
-        return data_lib.read_manifest(csv_path), meta
+        return read_manifest(_download_manifest(run_id, folder))
 
 
-def resolve_manifest(config: DataConfig, context: str = "training") -> tuple[pd.DataFrame, Path]:
-    """Get the manifest for a run: from a CSV path, a prepare run id, or by preparing one now.
+def resolve_manifest(config: DataConfig) -> Manifest:
+    """The manifest ``config.manifest`` names: a CSV path or the id of a run that logged one; empty = make one now.
 
-    The manifest is logged to the active run (artifact and dataset input) in every case, so each
-    training run records exactly which images it saw.
-
-    Args:
-        config: Data settings; ``manifest`` may be a path, a run id, or empty.
-        context: Dataset-input context (``training`` or ``evaluation``).
-
-    Returns:
-        The manifest and the data folder its paths are relative to.
+    Raises:
+        DataError: ``manifest`` is neither, or its data folder cannot be found.
     """
     if not config.manifest:
-        return prepare_manifest(config, context=context)
+        return prepare_manifest(config)
     path = Path(config.manifest).expanduser()
     if path.is_file():
-        manifest = data_lib.read_manifest(path)
-        meta_path = path.with_name(MANIFEST_META_ARTIFACT)
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    else:
+        return load_manifest(path, config.data_dir)
+    with tempfile.TemporaryDirectory() as folder:
         try:
-            manifest, meta = _manifest_from_run(config.manifest)
+            csv_path = _download_manifest(config.manifest, folder)
         except Exception as error:
             raise DataError(
-                f"manifest {config.manifest!r} is neither a CSV file nor a prepare run id with a "
-                f"{MANIFEST_ARTIFACT} artifact ({error})"
+                f"manifest {config.manifest!r} is neither a CSV file nor the id of a run with a "
+                f"{MANIFEST_FILE} artifact ({error})"
             ) from error
-    data_dir = data_lib.resolve_data_dir(config.data_dir or meta.get("data_dir", ""))
-    log_dataframe(manifest, MANIFEST_ARTIFACT)
-    # With its meta file, this run's id can be passed as `manifest` to later runs too.
-    log_json({**meta, "data_dir": str(data_dir), "digest": manifest_digest(manifest)}, MANIFEST_META_ARTIFACT)
-    log_manifest_input(manifest, data_dir, context=context)
-    return manifest, data_dir
+        return load_manifest(csv_path, config.data_dir)

@@ -8,9 +8,7 @@ validation threshold, figures and the served model.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ import tensorflow as tf
 
 from pneumo import CLASS_NAMES, metrics, model_io, pipeline, plots, tracking
 from pneumo.augmentation import build_augmenter
-from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, TrainConfig
+from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, RunConfigs, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +92,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self.step_offset = step_offset
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) and math.isfinite(float(v))}
-        mlflow.log_metrics(metrics, step=self.step_offset + epoch)
+        scalars = {k: v for k, v in (logs or {}).items() if np.isscalar(v)}
+        tracking.log_metrics(scalars, step=self.step_offset + epoch)
 
 
 @dataclass
@@ -104,10 +102,9 @@ class TrainResult:
 
     model: keras.Model
     history: dict[str, list[float]]
-    val_probabilities: np.ndarray
-    val_labels: np.ndarray
-    threshold: float
-    val_metrics: dict[str, float]
+    val_probabilities: np.ndarray  # aligned with the validation ImageSet's labels
+    threshold: float  # chosen on validation for the target sensitivity
+    val_metrics: dict[str, float]  # val_* at the threshold and at 0.5
     checkpoint: Path
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -159,7 +156,7 @@ def fit(
     )
     seconds = time.perf_counter() - started
     epochs_run = len(history.history.get("loss", []))
-    mlflow.log_metrics(
+    tracking.log_metrics(
         {
             f"{prefix}fit_seconds": seconds,
             f"{prefix}epochs_run": epochs_run,
@@ -173,80 +170,97 @@ def fit(
 
 def evaluate_validation(
     model: keras.Model, val_set: pipeline.ImageSet, target_sensitivity: float
-) -> tuple[np.ndarray, float, dict]:
-    """Predict the validation split, pick the threshold, and compute metrics at 0.5 and at it."""
+) -> tuple[np.ndarray, float, dict[str, float]]:
+    """Predict the validation split, pick the threshold, and compute metrics at 0.5 and at it.
+
+    Returns:
+        The probabilities, the threshold, and the metrics (``val_*``, see
+        :func:`pneumo.metrics.metrics_at_thresholds`).
+    """
     probabilities = model_io.predict_probabilities(model, val_set.images)
     threshold = metrics.threshold_for_sensitivity(val_set.labels, probabilities, target_sensitivity)
-    values = metrics.metrics_at_thresholds(val_set.labels, probabilities, threshold, "val")
-    values["threshold"] = threshold
-    return probabilities, threshold, values
+    return probabilities, threshold, metrics.metrics_at_thresholds(val_set.labels, probabilities, threshold, "val")
 
 
-def log_outputs(
-    entry_point: str,
-    result: TrainResult,
-    val_set: pipeline.ImageSet,
-    data_dir: Path,
-    data_config: DataConfig,
-    configs: dict[str, Any],
-) -> None:
-    """Log curves, confusion matrices, threshold, validation predictions and the served model."""
-    mlflow.log_metrics({k: float(v) for k, v in result.val_metrics.items() if v == v})
+@dataclass
+class TrainingData:
+    """The decoded training and validation images of a run, and the folder they were read from."""
+
+    data_dir: Path
+    train: pipeline.ImageSet
+    val: pipeline.ImageSet
+
+    def example_file(self) -> Path:
+        """A real image file (the first validation image): the logged model's input example."""
+        return self.data_dir / self.val.frame["path"].iloc[0]
+
+
+def load_training_data(config: DataConfig) -> TrainingData:
+    """Resolve the manifest, log it to the active run, and decode the train and validation images."""
+    manifest = tracking.resolve_manifest(config)
+    tracking.log_manifest(manifest, context="training")
+    train, val = (
+        pipeline.load_split(
+            manifest.split(split), manifest.data_dir, config.image_size, config.channels, config.cache_dir
+        )
+        for split in ("train", "val")
+    )
+    tracking.log_metrics({"n_train_images": len(train.labels), "n_val_images": len(val.labels)})
+    return TrainingData(manifest.data_dir, train, val)
+
+
+def set_up_keras(seed: int, precision: str) -> str:
+    """Seed Python, NumPy and TensorFlow, set the precision policy, and log it as ``dtype_policy``.
+
+    Returns:
+        The policy used.
+    """
+    keras.utils.set_random_seed(seed)
+    policy = set_precision(precision)
+    mlflow.log_param("dtype_policy", policy)
+    return policy
+
+
+def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) -> None:
+    """Log validation metrics, curves, confusion matrices, threshold, predictions and the served model."""
+    labels, probabilities, threshold = data.val.labels, result.val_probabilities, result.threshold
+    tracking.log_metrics({**result.val_metrics, "threshold": threshold})
     if result.history:
-        tracking.log_figure(plots.plot_history(result.history, entry_point), "plots/training_curves.png")
-    for name, threshold in (("threshold", result.threshold), ("0.5", 0.5)):
+        tracking.log_figure(plots.plot_history(result.history, configs.entry_point), "plots/training_curves.png")
+    for name, cut in (("threshold", threshold), ("0.5", 0.5)):
         tracking.log_figure(
-            plots.plot_confusion_matrix(
-                result.val_labels, result.val_probabilities, threshold, f"{entry_point}: validation"
-            ),
+            plots.plot_confusion_matrix(labels, probabilities, cut, f"{configs.entry_point}: validation"),
             f"plots/confusion_matrix_val_{name}.png",
         )
     tracking.log_json(
         {
-            "at_threshold": metrics.confusion_counts(result.val_labels, result.val_probabilities, result.threshold),
-            "at_0.5": metrics.confusion_counts(result.val_labels, result.val_probabilities, 0.5),
+            "at_threshold": metrics.confusion_counts(labels, probabilities, threshold),
+            "at_0.5": metrics.confusion_counts(labels, probabilities, 0.5),
         },
         "confusion_matrix_val.json",
     )
     tracking.log_json(
         {
-            "threshold": result.threshold,
-            "target_sensitivity": configs["train"].target_sensitivity,
+            "threshold": threshold,
+            "target_sensitivity": configs.train.target_sensitivity,
             "chosen_on": "validation split (patient-grouped)",
         },
         "threshold.json",
     )
-    predictions = val_set.frame[["path", "patient_id", "label"]].assign(probability=result.val_probabilities)
+    predictions = data.val.frame[["path", "patient_id", "label"]].assign(probability=probabilities)
     tracking.log_dataframe(predictions, "val_predictions.csv")
     model_config = {
-        "entry_point": entry_point,
-        "image_size": data_config.image_size,
-        "channels": data_config.channels,
-        "threshold": result.threshold,
+        "entry_point": configs.entry_point,
+        "image_size": configs.data.image_size,
+        "channels": configs.data.channels,
+        "threshold": threshold,
         "class_names": list(CLASS_NAMES),
         "val_metrics": result.val_metrics,
         "run_id": mlflow.active_run().info.run_id,
-        "config": {name: dataclasses.asdict(c) for name, c in configs.items()},
+        "config": configs.as_dict(),
         **result.extra,
     }
-    model_io.log_model(result.checkpoint, model_config, data_dir / val_set.frame["path"].iloc[0])
-
-
-def load_splits(
-    data_config: DataConfig, context: str = "training"
-) -> tuple[Path, pipeline.ImageSet, pipeline.ImageSet]:
-    """Resolve the manifest (logging it) and decode the train and validation images."""
-    from pneumo.data import split_frame
-
-    manifest, data_dir = tracking.resolve_manifest(data_config, context=context)
-    train_set, val_set = (
-        pipeline.load_split(
-            split_frame(manifest, s), data_dir, data_config.image_size, data_config.channels, data_config.cache_dir
-        )
-        for s in ("train", "val")
-    )
-    mlflow.log_metrics({"n_train_images": len(train_set.labels), "n_val_images": len(val_set.labels)})
-    return data_dir, train_set, val_set
+    model_io.log_model(result.checkpoint, model_config, data.example_file())
 
 
 def log_augmentation_grid(train_set: pipeline.ImageSet, augment: AugmentConfig, seed: int, count: int = 16) -> None:
@@ -267,51 +281,38 @@ def log_augmentation_grid(train_set: pipeline.ImageSet, augment: AugmentConfig, 
 
 
 def train_model(
-    entry_point: str,
+    configs: RunConfigs,
     build: Callable[[], keras.Model],
-    data_config: DataConfig,
-    train_config: TrainConfig,
-    augment: AugmentConfig | None = None,
-    configs: dict[str, Any] | None = None,
+    data: TrainingData | None = None,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
-    log_model: bool = True,
-    loaded: tuple[Path, pipeline.ImageSet, pipeline.ImageSet] | None = None,
+    tuning_trial: bool = False,
 ) -> TrainResult:
     """Train a Keras model end to end inside the active MLflow run.
 
     Args:
-        entry_point: Name used in titles and the model config.
+        configs: The run's configs: ``data`` and ``train`` settings; with an ``AugmentConfig`` the
+            training batches are augmented. All of them are saved with the model.
         build: Returns a fresh uncompiled model (called after the precision policy is set).
-        data_config: Data settings.
-        train_config: Optimisation settings.
-        augment: Augmentation ranges; None trains without augmentation.
-        configs: All configs of the run by name, saved with the model.
+        data: Already decoded images, to share one decode between tuning trials; None = load them.
         extra_callbacks: More Keras callbacks (e.g. Optuna pruning).
-        log_model: Log figures, threshold and the pyfunc model (False for tuning trials).
-        loaded: Already decoded ``(data_dir, train, val)``, to share one decode between trials.
+        tuning_trial: A tuning trial: it logs its metrics only (no figures, threshold, predictions
+            or model).
 
     Returns:
         The trained model and its validation results.
     """
-    keras.utils.set_random_seed(data_config.seed)
-    policy = set_precision(train_config.precision)
-    mlflow.log_param("dtype_policy", policy)
-    data_dir, train_set, val_set = loaded or load_splits(data_config)
-    if augment is not None and log_model:
-        log_augmentation_grid(train_set, augment, data_config.seed)
+    set_up_keras(configs.data.seed, configs.train.precision)
+    data = data or load_training_data(configs.data)
+    if configs.augment is not None and not tuning_trial:
+        log_augmentation_grid(data.train, configs.augment, configs.data.seed)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "best.keras"
         model = build()
-        history = fit(model, train_set, val_set, train_config, augment, data_config.seed, checkpoint, extra_callbacks)
-        probabilities, threshold, metrics = evaluate_validation(model, val_set, train_config.target_sensitivity)
-        result = TrainResult(model, history, probabilities, val_set.labels, threshold, metrics, checkpoint)
-        if log_model:
-            log_outputs(
-                entry_point,
-                result,
-                val_set,
-                data_dir,
-                data_config,
-                configs or {"data": data_config, "train": train_config},
-            )
+        history = fit(
+            model, data.train, data.val, configs.train, configs.augment, configs.data.seed, checkpoint, extra_callbacks
+        )
+        probabilities, threshold, val_metrics = evaluate_validation(model, data.val, configs.train.target_sensitivity)
+        result = TrainResult(model, history, probabilities, threshold, val_metrics, checkpoint)
+        if not tuning_trial:
+            log_outputs(configs, result, data)
     return result

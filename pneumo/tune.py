@@ -34,19 +34,20 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 from sklearn.metrics import log_loss
 
-from pneumo import models, pipeline, plots, tracking
+from pneumo import aug_cnn, models, plots, tracking
 from pneumo.config import (
     HIGHER_IS_BETTER,
     AugmentConfig,
     CNNConfig,
     DataConfig,
+    RunConfigs,
     TrainConfig,
     TuneConfig,
     replace_across,
     replace_fields,
 )
 from pneumo.errors import ConfigError
-from pneumo.training import load_splits, train_model
+from pneumo.training import TrainingData, load_training_data, train_model
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ class Objective:
         augment: Base augmentation (the searched ranges are replaced per trial).
         cnn: Base network settings.
         tune: Search settings.
-        loaded: The decoded ``(data_dir, train, val)`` split, shared by all trials.
+        images: The decoded training and validation images, shared by all trials.
     """
 
     def __init__(
@@ -298,10 +299,10 @@ class Objective:
         augment: AugmentConfig,
         cnn: CNNConfig,
         tune: TuneConfig,
-        loaded: tuple[Path, pipeline.ImageSet, pipeline.ImageSet],
+        images: TrainingData,
     ):
         self.data, self.train, self.augment, self.cnn, self.tune = data, train, augment, cnn, tune
-        self.loaded = loaded
+        self.images = images
         self.run_ids: list[str] = []
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -311,9 +312,8 @@ class Objective:
         params = suggest(trial, self.tune)
         train, augment, cnn = trial_configs(self.train, self.augment, self.cnn, self.tune, params)
         pruned: optuna.TrialPruned | None = None
-        with tracking.start_run(
-            TRIAL_ENTRY_POINT, self.data, train, augment, cnn, nested=True, run_name=f"trial-{trial.number}"
-        ) as run:
+        configs = RunConfigs(TRIAL_ENTRY_POINT, self.data, train, augment, cnn)
+        with tracking.start_run(configs, nested=True, run_name=f"trial-{trial.number}") as run:
             self.run_ids.append(run.info.run_id)
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
             mlflow.set_tags({STUDY_TAG: self.tune.study_name, NUMBER_TAG: str(trial.number)})
@@ -321,14 +321,11 @@ class Objective:
             keras.backend.clear_session()
             try:
                 result = train_model(
-                    TRIAL_ENTRY_POINT,
+                    configs,
                     lambda: models.build_aug_cnn(self.data.image_size, self.data.channels, cnn),
-                    self.data,
-                    train,
-                    augment,
+                    self.images,
                     extra_callbacks=[_PruneOnDivergence(), KerasPruningCallback(trial, self.tune.objective)],
-                    log_model=False,
-                    loaded=self.loaded,
+                    tuning_trial=True,
                 )
             except optuna.TrialPruned as error:
                 # Ended inside the run, so the nested run finishes cleanly and reads as pruned.
@@ -336,14 +333,12 @@ class Objective:
                 mlflow.set_tags({STATE_TAG: TrialState.PRUNED.name, "optuna.pruned_reason": str(error)})
                 last = _last_report(trial)
                 if last is not None:
-                    mlflow.log_metrics({"pruned_at_epoch": last[0], "objective_value": last[1]})
+                    tracking.log_metrics({"pruned_at_epoch": last[0], "objective_value": last[1]})
             else:
                 value = objective_value(
-                    self.tune.objective, result.val_labels, result.val_probabilities, result.val_metrics
+                    self.tune.objective, self.images.val.labels, result.val_probabilities, result.val_metrics
                 )
-                mlflow.log_metrics(
-                    {**{k: float(v) for k, v in result.val_metrics.items() if v == v}, "objective_value": value}
-                )
+                tracking.log_metrics({**result.val_metrics, "threshold": result.threshold, "objective_value": value})
                 mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
         if pruned is not None:
             raise pruned
@@ -384,7 +379,7 @@ def log_study_summary(study: optuna.Study, tune: TuneConfig) -> FrozenTrial | No
     """
     trials = study.get_trials(deepcopy=False)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-    mlflow.log_metrics(
+    tracking.log_metrics(
         {
             "n_trials_complete": counts[TrialState.COMPLETE],
             "n_trials_pruned": counts[TrialState.PRUNED],
@@ -402,7 +397,7 @@ def log_study_summary(study: optuna.Study, tune: TuneConfig) -> FrozenTrial | No
         return None
     best = study.best_trial
     mlflow.log_params({f"best_{name}": value for name, value in best.params.items()})
-    mlflow.log_metrics({"best_value": best.value, "best_trial_number": best.number})
+    tracking.log_metrics({"best_value": best.value, "best_trial_number": best.number})
     mlflow.set_tag("optuna.best_trial_run_id", best.user_attrs.get(RUN_ID_ATTR, ""))
     tracking.log_json(
         {
@@ -441,27 +436,15 @@ def retrain(
     train_b, augment_b, cnn_b = trial_configs(train, augment, cnn, tune, best.params)
     if manifest_logged:  # the parent logged the trials' manifest: reuse it, no second discovery
         data = replace_fields(data, manifest=parent_run_id)
-    with tracking.start_run(
-        "aug_cnn", data, train_b, augment_b, cnn_b, nested=True, run_name=f"best-trial-{best.number}"
-    ) as run:
+    configs = RunConfigs("aug_cnn", data, train_b, augment_b, cnn_b)
+    with tracking.start_run(configs, nested=True, run_name=f"best-trial-{best.number}") as run:
         mlflow.set_tags({STUDY_TAG: tune.study_name, NUMBER_TAG: str(best.number), "pneumo.tuned_by": parent_run_id})
         keras.backend.clear_session()
-        result = train_model(
-            "aug_cnn",
-            lambda: models.build_aug_cnn(data.image_size, data.channels, cnn_b),
-            data,
-            train_b,
-            augment_b,
-            configs={"data": data, "train": train_b, "augment": augment_b, "cnn": cnn_b},
-        )
+        result = train_model(configs, lambda: models.build_aug_cnn(data.image_size, data.channels, cnn_b))
         mlflow.set_tag(
             "mlflow.note.content",
-            (
-                f"aug_cnn retrained with the best parameters of Optuna study {tune.study_name!r} (trial {best.number}). "
-                f"Validation ROC AUC {result.val_metrics['val_roc_auc']:.4f}; at threshold {result.threshold:.3f}: "
-                f"sensitivity {result.val_metrics['val_sensitivity_at_threshold']:.3f}, "
-                f"specificity {result.val_metrics['val_specificity_at_threshold']:.3f}."
-            ),
+            f"aug_cnn retrained with the best parameters of Optuna study {tune.study_name!r} "
+            f"(trial {best.number}). {aug_cnn.summary(result)}",
         )
         return run.info.run_id
 
@@ -481,7 +464,7 @@ def tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNC
         The id of the parent MLflow run.
     """
     logged_tune = dataclasses.replace(tune_config, storage=masked(tune_config.storage))
-    with tracking.start_run("tune", data, train, augment, cnn, logged_tune) as parent:
+    with tracking.start_run(RunConfigs("tune", data, train, augment, cnn, logged_tune)) as parent:
         study = open_study(tune_config, data.seed)
         mlflow.set_tags(
             {
@@ -493,7 +476,7 @@ def tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNC
         remaining = tune_config.n_trials - claimed(study)
         runner = None
         if remaining > 0:
-            runner = Objective(data, train, augment, cnn, tune_config, load_splits(data))
+            runner = Objective(data, train, augment, cnn, tune_config, load_training_data(data))
             log.info(
                 "study %s: running up to %d trial(s) towards %d",
                 tune_config.study_name,
@@ -512,7 +495,7 @@ def tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNC
             )
         else:
             log.info("study %s already holds %d trial(s); nothing to run", tune_config.study_name, tune_config.n_trials)
-        mlflow.log_metric("n_trials_this_worker", len(runner.run_ids) if runner else 0)
+        tracking.log_metrics({"n_trials_this_worker": len(runner.run_ids) if runner else 0})
         best = log_study_summary(study, tune_config)
         note = f"Optuna study {tune_config.study_name!r} ({tune_config.objective}): "
         if best is None:

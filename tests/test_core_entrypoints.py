@@ -31,7 +31,7 @@ from conftest import REPO
 from pneumo import CLASS_NAMES
 from pneumo.cli import ENTRY_POINTS
 from pneumo.config import parse_configs
-from pneumo.tracking import manifest_digest
+from pneumo.data import manifest_digest
 
 EXPERIMENT = "pneumo-core-entrypoints"
 EPOCHS = 2
@@ -359,13 +359,16 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
     assert set(PREPARE_ONLY) <= _artifacts(client, run.run_id), "without a manifest, cv prepares one"
     assert outcome["run"].data.params["l2"] == "0.01" and outcome["run"].data.params["folds"] == str(FOLDS)
 
+    report = json.loads(_read_artifact(client, run.run_id, "cv_folds.json", tmp_path).read_text())
+    assert not [key for key in metrics if key.startswith("fold_")], "fold scores are logged once, as cv_fold_*"
     scores = {}
     for name in ("accuracy", "roc_auc"):
         history = client.get_metric_history(run.run_id, f"cv_fold_{name}")
         assert [m.step for m in history] == list(range(1, FOLDS + 1))
         scores[name] = np.array([m.value for m in history])
         assert np.isfinite(scores[name]).all() and ((scores[name] >= 0) & (scores[name] <= 1)).all()
-        assert [metrics[f"fold_{k}_{name}"] for k in range(1, FOLDS + 1)] == scores[name].tolist()
+        # Logged once per fold (as the history above), and the same in the fold report.
+        assert [fold[name] for fold in report["folds"]] == pytest.approx(scores[name].tolist(), rel=1e-12)
         assert metrics[f"cv_{name}_mean"] == pytest.approx(scores[name].mean())
         assert metrics[f"cv_{name}_std"] == pytest.approx(scores[name].std(ddof=1))
     assert {
@@ -392,7 +395,6 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
     assert metrics["cv_oof_roc_auc"] == pytest.approx(roc_auc_score(out_of_fold["label"], out_of_fold["probability"]))
     pooled = json.loads(_read_artifact(client, run.run_id, "confusion_matrix_oof.json", tmp_path).read_text())
     assert np.array(pooled["matrix"]).sum() == len(train_rows)
-    report = json.loads(_read_artifact(client, run.run_id, "cv_folds.json", tmp_path).read_text())
     assert [f["fold"] for f in report["folds"]] == list(range(1, FOLDS + 1))
     assert all(len(f["history"]["loss"]) == EPOCHS for f in report["folds"])
     _assert_served_model(run.run_id, small_data, outcome["predictions"], 32)

@@ -115,9 +115,8 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     from pneumo.config import DataConfig
     from pneumo.tracking import resolve_manifest
 
-    with mlflow.start_run():
-        manifest, data_dir = resolve_manifest(DataConfig(manifest=run_id))
-    assert data_dir == small_data.resolve() and len(manifest) == int(
+    manifest = resolve_manifest(DataConfig(manifest=run_id))
+    assert manifest.data_dir == small_data.resolve() and len(manifest.frame) == int(
         run.data.metrics["n_train_images"] + run.data.metrics["n_val_images"]
     )
     config = json.loads(open(client.download_artifacts(run_id, "model/artifacts/model_config.json")).read())

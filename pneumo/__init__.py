@@ -2,6 +2,5 @@
 
 # The one label contract of the project: index 1 is the positive class (pneumonia).
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
-POSITIVE_LABEL = 1
 
 __version__ = "0.1.0"

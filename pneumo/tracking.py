@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
 import tempfile
 import time
 import warnings
@@ -31,23 +30,12 @@ REJECTED_ARTIFACT = "rejected_files.csv"
 ENTRY_POINT_TAG = "pneumo.entry_point"
 
 
-def git_commit() -> str | None:
-    """Commit of the project checkout, or None outside git."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 @contextlib.contextmanager
 def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under ``mlflow run``, resume) a run; log every config field and the standard tags.
+    """Start (or, under ``mlflow run``, resume) a run; log every config field and the entry-point tag.
+
+    The code version is MLflow's own tag ``mlflow.source.git.commit``, set when the run is started
+    from the checkout (``mlflow run`` or ``python -m entrypoints.X``).
 
     Args:
         configs: The run's configs: every field is logged as a param; the entry point is stored in
@@ -56,11 +44,7 @@ def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = 
         run_name: Display name; defaults to MLflow's generated name.
     """
     with mlflow.start_run(nested=nested, run_name=run_name) as run:
-        tags = {ENTRY_POINT_TAG: configs.entry_point}
-        commit = git_commit()
-        if commit:
-            tags["git_commit"] = commit
-        mlflow.set_tags(tags)
+        mlflow.set_tag(ENTRY_POINT_TAG, configs.entry_point)
         # Under `mlflow run` the entry point's parameters are already logged, shell-quoted (""
         # as "''"), and MLflow refuses to change a param: log only the others.
         logged = MlflowClient().get_run(run.info.run_id).data.params

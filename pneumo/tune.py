@@ -6,10 +6,13 @@ study lives in an Optuna storage (SQLite by default, any database URL for worker
 machines), so an interrupted search resumes and parallel workers share one study.
 
 ``n_trials`` is the number of finished (complete or pruned) trials the *study* should hold.
-Optuna's ``MaxTrialsCallback`` counts only finished trials, so parallel workers overshoot by
-the trials still running elsewhere; here running trials count too, and a trial whose number
-shows it was created after the study was already full (two workers asking at the same
-instant) is dropped before training, recorded as failed. The total is therefore exact.
+Optuna's ``MaxTrialsCallback`` is not enough for that: by default it counts only complete
+trials (pruned ones never fill the budget), and whatever states it counts it runs only after a
+trial ends, so two workers can both start a trial for the last place. Here complete, pruned and
+running trials count (stale running trials of dead workers are failed first, see
+:func:`claimed`), and a trial whose number shows it was created after the study was already
+full (two workers asking at the same instant) is dropped before training, recorded as failed.
+The total is therefore exact.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Shared fixtures: an isolated MLflow store per test, and small real-image data sets.
+"""Shared fixtures: an isolated MLflow store per test, small real-image data sets, sample image files.
 
 Real images come from ``../shared/data/chest_xray`` (never copied into the repo): small
 subsets are exposed through symlinks in a temporary folder, keeping whole patients together.
+Tests that train, start a subprocess or serve are marked ``slow``: ``pytest -m "not slow"`` runs
+the others in under a minute.
 """
 
 from __future__ import annotations
@@ -10,9 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-import mlflow
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA", REPO.parent / "shared" / "data" / "chest_xray")).resolve()
 
@@ -20,6 +19,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Tests must never reach a network: kagglehub and Keras downloads fail fast instead of hanging.
 os.environ.setdefault("KAGGLEHUB_CACHE", str(Path("/tmp") / "pneumo-test-kagglehub"))
+
+# Imported only now: TensorFlow (imported through helpers) reads TF_CPP_MIN_LOG_LEVEL when loaded.
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+
+import xray_files  # noqa: E402
+from helpers import use_tracking_store  # noqa: E402
+from pneumo.data import patient_id  # noqa: E402
 
 
 def pytest_configure(config):
@@ -35,16 +42,10 @@ def tracking(tmp_path, monkeypatch):
         The tracking URI. ``MLFLOW_EXPERIMENT_NAME`` points at an experiment whose artifacts live
         under ``tmp_path``.
     """
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    experiment_id = mlflow.create_experiment("pneumo-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    experiment_id = use_tracking_store(monkeypatch, tmp_path, "pneumo-test")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pneumo-test")
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_experiment(experiment_id=experiment_id)
-    # set_experiment exports MLFLOW_EXPERIMENT_ID; register it so teardown removes it again.
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
-    yield uri
+    yield mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(None)
 
 
@@ -60,8 +61,6 @@ def make_subset(root: Path, per_class: int, offset: int = 0) -> Path:
 
 
 def _patient_subset_from(files: list[Path], count: int) -> list[Path]:
-    from pneumo.data import patient_id
-
     chosen = files[:count]
     last = patient_id(chosen[-1].name)
     return chosen + [p for p in files[count:] if patient_id(p.name) == last]
@@ -83,3 +82,9 @@ def repo() -> Path:
 def python() -> str:
     """The interpreter running the tests (subprocesses use the same environment)."""
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def sample_bytes() -> dict[str, bytes]:
+    """Encoded bytes of every synthetic sample image (:data:`xray_files.SAMPLES`)."""
+    return xray_files.sample_files()

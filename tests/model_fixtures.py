@@ -18,6 +18,12 @@ import mlflow
 import pytest
 
 from conftest import SHARED_DATA, make_subset
+from helpers import use_tracking_store
+from pneumo.aug_cnn import aug_cnn
+from pneumo.baseline import baseline
+from pneumo.cnn import cnn
+from pneumo.config import AugmentConfig, CNNConfig, DataConfig, DenseConfig, TrainConfig
+from pneumo.prepare import prepare
 
 EXPERIMENT = "pneumo-models"
 PER_CLASS = 100
@@ -55,21 +61,11 @@ def _unseen_images() -> dict[str, list[Path]]:
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory) -> TrainedModels:
     """Train the three models once (about half a minute on 2 CPU cores)."""
-    from pneumo.aug_cnn import aug_cnn
-    from pneumo.baseline import baseline
-    from pneumo.cnn import cnn
-    from pneumo.config import AugmentConfig, CNNConfig, DataConfig, DenseConfig, TrainConfig
-    from pneumo.prepare import prepare
-
     root = tmp_path_factory.mktemp("trained_models")
     data_dir = make_subset(root / "data", PER_CLASS)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # set_experiment exports it; restored on exit
-        mlflow.set_tracking_uri(uri)
-        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+        experiment_id = use_tracking_store(patch, root, EXPERIMENT)
+        uri = mlflow.get_tracking_uri()
         mlflow.set_experiment(experiment_id=experiment_id)
         try:
             base = DataConfig(data_dir=str(data_dir), val_fraction=VAL_FRACTION, cache_dir="", seed=42)

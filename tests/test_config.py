@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from pneumo.cli import ENTRY_POINTS, entry_point_function, render_mlproject
+from pneumo.cli import ENTRY_POINTS, entry_point_function, main, render_mlproject
 from pneumo.config import (
     CNNConfig,
     CVConfig,
@@ -198,8 +198,6 @@ def test_a_typo_in_a_choice_fails_at_parse_time_and_help_lists_the_choices(capsy
 
 
 def test_help_describes_the_cv_entry_point(capsys):
-    from pneumo.cli import main
-
     with pytest.raises(SystemExit) as exit_info:
         main("cv", ["--help"])
     assert exit_info.value.code == 0

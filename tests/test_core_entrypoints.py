@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
-import json
 import os
 import re
 import shlex
@@ -26,12 +24,18 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from conftest import REPO
+from helpers import artifacts, download, read_json, run_project, tree_state, use_tracking_store
 from pneumo import CLASS_NAMES
 from pneumo.cli import ENTRY_POINTS
+from pneumo.cnn import cnn
 from pneumo.config import parse_configs
 from pneumo.data import manifest_digest
+
+# Every test here runs an entry point in a subprocess (or trains): all slow.
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = "pneumo-core-entrypoints"
 EPOCHS = 2
@@ -63,51 +67,24 @@ TRAINING_ARTIFACTS = (
 PREPARE_ONLY = ("rejected_files.csv", "plots/class_distribution.png")
 
 
-def _tree_state(root: Path) -> dict[str, tuple]:
-    """Entries below ``root`` (links followed for content): kind, content hash, mtimes."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        link, target = path.lstat(), path.stat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-        state[path.relative_to(root).as_posix()] = (path.is_symlink(), digest, link.st_mtime_ns, target.st_mtime_ns)
-    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        state[f"{folder}/ (listing)"] = tuple(sorted(os.listdir(folder)))
-    return state
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One tracking store (SQLite + artifact folder in tmp) shared by every run of this module."""
     root = tmp_path_factory.mktemp("core_store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        use_tracking_store(patch, root, EXPERIMENT)
         patch.delenv("PNEUMO_DATA_DIR", raising=False)
-        mlflow.set_tracking_uri(uri)
-        mlflow.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+        uri = mlflow.get_tracking_uri()
         yield SimpleNamespace(root=root, uri=uri, client=MlflowClient(uri))
         mlflow.set_tracking_uri(None)
-
-
-def _submit(repo: Path, entry_point: str, parameters: dict, synchronous: bool = True):
-    return mlflow.projects.run(
-        str(repo),
-        entry_point=entry_point,
-        parameters=parameters,
-        env_manager="local",
-        experiment_name=EXPERIMENT,
-        synchronous=synchronous,
-    )
 
 
 @pytest.fixture(scope="module")
 def prepare_run(store, repo, small_data):
     """A real prepare run, with the state of the source folder before and after it."""
-    before = _tree_state(small_data)
-    submitted = _submit(repo, "prepare", {"data_dir": str(small_data), "cache_dir": "", "seed": 7})
-    return SimpleNamespace(run_id=submitted.run_id, before=before, after=_tree_state(small_data))
+    before = tree_state(small_data)
+    submitted = run_project(repo, "prepare", {"data_dir": str(small_data), "cache_dir": "", "seed": 7}, EXPERIMENT)
+    return SimpleNamespace(run_id=submitted.run_id, before=before, after=tree_state(small_data))
 
 
 @pytest.fixture(scope="module")
@@ -130,21 +107,10 @@ def training_runs(store, repo, small_data, prepare_run, manifest_csv):
         # No manifest: cv prepares its own split.
         "cv": {**TRAINING, "data_dir": str(small_data), "folds": FOLDS},
     }
-    submitted = {name: _submit(repo, name, p, synchronous=False) for name, p in parameters.items()}
+    submitted = {name: run_project(repo, name, p, EXPERIMENT, synchronous=False) for name, p in parameters.items()}
     finished = {name: run.wait() for name, run in submitted.items()}
     assert all(finished.values()), f"failed entry points: {[n for n, ok in finished.items() if not ok]}"
     return {name: SimpleNamespace(run_id=run.run_id, parameters=parameters[name]) for name, run in submitted.items()}
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
-def _read_artifact(client: MlflowClient, run_id: str, path: str, folder: Path) -> Path:
-    return Path(client.download_artifacts(run_id, path, str(folder)))
 
 
 def _dataset_input(run) -> SimpleNamespace:
@@ -193,9 +159,9 @@ def test_prepare_logs_manifest_report_plot_and_dataset(store, prepare_run, small
     assert run.info.status == "FINISHED"
     _assert_standard_tags(run, "prepare")
     _assert_params(run, "prepare", {"data_dir": str(small_data), "cache_dir": "", "seed": 7})
-    assert set(PREPARE_ONLY) | {"manifest.csv", "manifest_meta.json"} <= _artifacts(client, run.info.run_id)
+    assert set(PREPARE_ONLY) | {"manifest.csv", "manifest_meta.json"} <= artifacts(client, run.info.run_id)
 
-    manifest = pd.read_csv(_read_artifact(client, run.info.run_id, "manifest.csv", tmp_path), dtype={"patient_id": str})
+    manifest = pd.read_csv(download(client, run.info.run_id, "manifest.csv", tmp_path), dtype={"patient_id": str})
     folders = manifest["path"].str.split("/").str[1]
     assert (manifest["label"] == folders.map({n: i for i, n in enumerate(CLASS_NAMES)})).all()
     assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
@@ -207,7 +173,7 @@ def test_prepare_logs_manifest_report_plot_and_dataset(store, prepare_run, small
     for (split, name), n in counts.items():
         assert run.data.metrics[f"n_{split}_{name.lower()}"] == n
     assert run.data.metrics["n_rejected"] == 0
-    meta = json.loads(_read_artifact(client, run.info.run_id, "manifest_meta.json", tmp_path).read_text())
+    meta = read_json(download(client, run.info.run_id, "manifest_meta.json", tmp_path))
     assert meta["data_dir"] == str(small_data.resolve()) and meta["digest"] == manifest_digest(manifest)
 
     dataset = _dataset_input(run)
@@ -216,7 +182,7 @@ def test_prepare_logs_manifest_report_plot_and_dataset(store, prepare_run, small
         manifest_digest(manifest),
         "prepare",
     )
-    with Image.open(_read_artifact(client, run.info.run_id, "plots/class_distribution.png", tmp_path)) as plot:
+    with Image.open(download(client, run.info.run_id, "plots/class_distribution.png", tmp_path)) as plot:
         assert plot.width > 300 and plot.height > 200
 
 
@@ -276,21 +242,21 @@ def _assert_training_run(store, run_id: str, entry_point: str, overrides: dict, 
         assert np.isfinite(metrics[key]), key
     assert 0.0 <= metrics["threshold"] <= 1.0
 
-    artifacts = _artifacts(client, run_id)
-    assert set(TRAINING_ARTIFACTS) <= artifacts, set(TRAINING_ARTIFACTS) - artifacts
+    logged = artifacts(client, run_id)
+    assert set(TRAINING_ARTIFACTS) <= logged, set(TRAINING_ARTIFACTS) - logged
     for plot in (p for p in TRAINING_ARTIFACTS if p.endswith(".png")):
-        with Image.open(_read_artifact(client, run_id, plot, folder)) as image:
+        with Image.open(download(client, run_id, plot, folder)) as image:
             assert image.format == "PNG" and image.width > 250
 
-    manifest = pd.read_csv(_read_artifact(client, run_id, "manifest.csv", folder), dtype={"patient_id": str})
-    predictions = pd.read_csv(_read_artifact(client, run_id, "val_predictions.csv", folder))
+    manifest = pd.read_csv(download(client, run_id, "manifest.csv", folder), dtype={"patient_id": str})
+    predictions = pd.read_csv(download(client, run_id, "val_predictions.csv", folder))
     n_val = int(metrics["n_val_images"])
     assert n_val == (manifest["split"] == "val").sum() == len(predictions)
     assert metrics["n_train_images"] == (manifest["split"] == "train").sum()
     assert predictions["probability"].between(0, 1).all()
 
-    confusion = json.loads(_read_artifact(client, run_id, "confusion_matrix_val.json", folder).read_text())
-    threshold = json.loads(_read_artifact(client, run_id, "threshold.json", folder).read_text())
+    confusion = read_json(download(client, run_id, "confusion_matrix_val.json", folder))
+    threshold = read_json(download(client, run_id, "threshold.json", folder))
     assert threshold["threshold"] == pytest.approx(metrics["threshold"])
     assert confusion["at_threshold"]["threshold"] == pytest.approx(metrics["threshold"])
     for key, cut in (("at_threshold", metrics["threshold"]), ("at_0.5", 0.5)):
@@ -327,14 +293,12 @@ def test_baseline_reuses_the_prepare_run_manifest(store, training_runs, prepare_
     outcome = _assert_training_run(store, run.run_id, "baseline", run.parameters, tmp_path)
     # No re-discovery: no report, no plot of its own; the very manifest prepare wrote, and a meta
     # file pointing at the same data folder (so this run's id can serve as a manifest too).
-    artifacts = _artifacts(store.client, run.run_id)
-    assert not set(PREPARE_ONLY) & artifacts and "n_rejected" not in outcome["run"].data.metrics
-    meta = json.loads(_read_artifact(store.client, run.run_id, "manifest_meta.json", tmp_path / "meta").read_text())
+    logged = artifacts(store.client, run.run_id)
+    assert not set(PREPARE_ONLY) & logged and "n_rejected" not in outcome["run"].data.metrics
+    meta = read_json(download(store.client, run.run_id, "manifest_meta.json", tmp_path / "meta"))
     assert meta["data_dir"] == str(small_data.resolve())
-    prepared = _read_artifact(store.client, prepare_run.run_id, "manifest.csv", tmp_path / "prepare")
-    assert (
-        _read_artifact(store.client, run.run_id, "manifest.csv", tmp_path / "own").read_bytes() == prepared.read_bytes()
-    )
+    prepared = download(store.client, prepare_run.run_id, "manifest.csv", tmp_path / "prepare")
+    assert download(store.client, run.run_id, "manifest.csv", tmp_path / "own").read_bytes() == prepared.read_bytes()
     assert _dataset_input(outcome["run"]).digest == _dataset_input(store.client.get_run(prepare_run.run_id)).digest
     assert outcome["run"].data.params["balance"] == "oversample"
     _assert_served_model(run.run_id, small_data, outcome["predictions"], 32)
@@ -343,7 +307,7 @@ def test_baseline_reuses_the_prepare_run_manifest(store, training_runs, prepare_
 def test_cnn_reads_a_manifest_csv(store, training_runs, prepare_run, manifest_csv, small_data, tmp_path):
     run = training_runs["cnn"]
     outcome = _assert_training_run(store, run.run_id, "cnn", run.parameters, tmp_path)
-    assert not set(PREPARE_ONLY) & _artifacts(store.client, run.run_id)
+    assert not set(PREPARE_ONLY) & artifacts(store.client, run.run_id)
     assert _dataset_input(outcome["run"]).digest == manifest_digest(
         pd.read_csv(manifest_csv, dtype={"patient_id": str})
     )
@@ -355,10 +319,10 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
     client = store.client
     outcome = _assert_training_run(store, run.run_id, "cv", run.parameters, tmp_path)
     metrics = outcome["run"].data.metrics
-    assert set(PREPARE_ONLY) <= _artifacts(client, run.run_id), "without a manifest, cv prepares one"
+    assert set(PREPARE_ONLY) <= artifacts(client, run.run_id), "without a manifest, cv prepares one"
     assert outcome["run"].data.params["l2"] == "0.01" and outcome["run"].data.params["folds"] == str(FOLDS)
 
-    report = json.loads(_read_artifact(client, run.run_id, "cv_folds.json", tmp_path).read_text())
+    report = read_json(download(client, run.run_id, "cv_folds.json", tmp_path))
     assert not [key for key in metrics if key.startswith("fold_")], "fold scores are logged once, as cv_fold_*"
     scores = {}
     for name in ("accuracy", "roc_auc"):
@@ -376,23 +340,19 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
         "plots/confusion_matrix_oof_0.5.png",
         "confusion_matrix_oof.json",
         "oof_predictions.csv",
-    } <= _artifacts(client, run.run_id)
+    } <= artifacts(client, run.run_id)
 
-    out_of_fold = pd.read_csv(
-        _read_artifact(client, run.run_id, "oof_predictions.csv", tmp_path), dtype={"patient_id": str}
-    )
+    out_of_fold = pd.read_csv(download(client, run.run_id, "oof_predictions.csv", tmp_path), dtype={"patient_id": str})
     train_rows = outcome["manifest"][outcome["manifest"]["split"] == "train"]
     assert sorted(out_of_fold["path"]) == sorted(train_rows["path"]), "folds cover exactly the training split"
     assert (out_of_fold.groupby("patient_id")["fold"].nunique() == 1).all(), "a patient in two folds"
     assert sorted(out_of_fold["fold"].unique()) == list(range(1, FOLDS + 1))
     assert out_of_fold["probability"].between(0, 1).all()
-    from sklearn.metrics import roc_auc_score
-
     for k in range(1, FOLDS + 1):
         fold = out_of_fold[out_of_fold["fold"] == k]
         assert roc_auc_score(fold["label"], fold["probability"]) == pytest.approx(scores["roc_auc"][k - 1], abs=1e-6)
     assert metrics["cv_oof_roc_auc"] == pytest.approx(roc_auc_score(out_of_fold["label"], out_of_fold["probability"]))
-    pooled = json.loads(_read_artifact(client, run.run_id, "confusion_matrix_oof.json", tmp_path).read_text())
+    pooled = read_json(download(client, run.run_id, "confusion_matrix_oof.json", tmp_path))
     assert np.array(pooled["matrix"]).sum() == len(train_rows)
     assert [f["fold"] for f in report["folds"]] == list(range(1, FOLDS + 1))
     assert all(len(f["history"]["loss"]) == EPOCHS for f in report["folds"])
@@ -404,8 +364,6 @@ def test_cv_logs_folds_their_summary_and_a_refitted_model(store, training_runs, 
 
 def test_a_fixed_seed_makes_a_run_repeatable(store, training_runs):
     """The cnn run again, in this process, with the same parameters: identical metric histories."""
-    from pneumo.cnn import cnn
-
     original = training_runs["cnn"]
     config_types, defaults = ENTRY_POINTS["cnn"].configs, ENTRY_POINTS["cnn"].defaults
     argv = [item for key, value in original.parameters.items() for item in (f"--{key}", str(value))]

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, check_cv, cross_validate
 from sklearn.utils import get_tags
 
-from pneumo import pipeline
+from pneumo import models, pipeline, training
 from pneumo.config import CVConfig, DataConfig, TrainConfig
 from pneumo.cv import SCORING, BinaryKerasClassifier, cv_arrays, fold_splits, make_estimator
 from pneumo.data import discover
@@ -83,6 +83,7 @@ def test_fold_splits_refuse_folds_without_both_classes():
         fold_splits(y, groups, 1, seed=0)
 
 
+@pytest.mark.slow
 def test_oversampling_happens_inside_fit_only(arrays):
     X, y, _ = arrays
     estimator = BinaryKerasClassifier(
@@ -94,11 +95,10 @@ def test_oversampling_happens_inside_fit_only(arrays):
 
 
 def _tiny_model():
-    from pneumo import models, training
-
     return training.compile_model(models.build_dense(DATA.image_size, DATA.channels), training.make_optimizer(TRAIN, 1))
 
 
+@pytest.mark.slow
 def test_cross_validated_roc_auc_is_finite_and_equals_a_fold_refitted_by_hand(arrays):
     X, y, groups = arrays
     splits = fold_splits(y, groups, 3, seed=DATA.seed)
@@ -111,7 +111,7 @@ def test_cross_validated_roc_auc_is_finite_and_equals_a_fold_refitted_by_hand(ar
     auc = results["test_roc_auc"]
     assert np.isfinite(auc).all() and len(auc) == 3
     assert (auc > 0.5).all(), "the network should beat chance on real images"
-    for (fit, test), fitted, score in zip(splits, results["estimator"], auc):
+    for (_, test), fitted, score in zip(splits, results["estimator"], auc):
         probability = fitted.predict_proba(X[test])[:, 1]
         # Column 1 of predict_proba is the network's sigmoid: the probability of pneumonia.
         np.testing.assert_allclose(

@@ -1,20 +1,18 @@
-"""Discovery, decoding, patient ids and the split manifest, on synthetic files and on the real data."""
+"""Discovery, patient ids and the split manifest, on synthetic files and on the real data."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+import xray_files as xf
 from conftest import SHARED_DATA
+from helpers import tree_state
 from pneumo import CLASS_NAMES
 from pneumo.data import (
     MANIFEST_COLUMNS,
@@ -28,130 +26,7 @@ from pneumo.data import (
     split_frame,
 )
 from pneumo.errors import DataError
-from pneumo.preprocessing import ImageError, decode_file, decode_image
-
-
-def _noise(height: int, width: int, channels: int = 0, dtype=np.uint8, high: int = 256, seed: int = 0) -> np.ndarray:
-    shape = (height, width, channels) if channels else (height, width)
-    return np.random.default_rng(seed).integers(0, high, shape).astype(dtype)
-
-
-def _encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def _palette_image() -> Image.Image:
-    image = Image.fromarray(_noise(50, 70, high=4), mode="L").convert("P")
-    image.putpalette([0, 0, 0, 90, 90, 90, 180, 180, 180, 255, 255, 255])
-    return image
-
-
-# name -> (PIL image, format, save options); every mode the dataset or a user may bring.
-SAMPLES = {
-    "L.jpeg": (lambda: Image.fromarray(_noise(60, 45), "L"), "JPEG", {}),
-    "RGB.jpeg": (lambda: Image.fromarray(_noise(40, 90, 3), "RGB"), "JPEG", {}),
-    "CMYK.jpeg": (lambda: Image.fromarray(_noise(64, 64, 4), "CMYK"), "JPEG", {}),
-    "L.png": (lambda: Image.fromarray(_noise(33, 200), "L"), "PNG", {}),
-    "LA.png": (lambda: Image.fromarray(_noise(48, 48, 2), "LA"), "PNG", {}),
-    "RGB.png": (lambda: Image.fromarray(_noise(128, 96, 3), "RGB"), "PNG", {}),
-    "RGBA.png": (lambda: Image.fromarray(_noise(70, 50, 4), "RGBA"), "PNG", {}),
-    "P.png": (_palette_image, "PNG", {}),
-    "P-transparent.png": (_palette_image, "PNG", {"transparency": 0}),
-    "I16.png": (lambda: Image.fromarray(_noise(80, 60, dtype=np.uint16, high=4096)), "PNG", {}),
-}
-
-
-@pytest.fixture(scope="module")
-def sample_bytes() -> dict[str, bytes]:
-    """Encoded bytes of every sample image."""
-    return {name: _encode(make(), fmt, **options) for name, (make, fmt, options) in SAMPLES.items()}
-
-
-def test_samples_really_have_their_modes(sample_bytes):
-    expected = {
-        "L.jpeg": "L",
-        "RGB.jpeg": "RGB",
-        "CMYK.jpeg": "CMYK",
-        "LA.png": "LA",
-        "RGBA.png": "RGBA",
-        "P.png": "P",
-        "I16.png": "I;16",
-    }
-    for name, mode in expected.items():
-        assert Image.open(io.BytesIO(sample_bytes[name])).mode == mode, name
-
-
-@pytest.mark.parametrize("name", sorted(SAMPLES))
-@pytest.mark.parametrize("image_size,channels", [(64, 3), (48, 1), (224, 1)])
-def test_decode_image_shape_and_dtype_for_every_mode(sample_bytes, name, image_size, channels):
-    array = decode_image(sample_bytes[name], image_size, channels)
-    assert array.shape == (image_size, image_size, channels)
-    assert array.dtype == np.uint8
-    assert array.max() > array.min(), "noise must survive decoding"
-
-
-def test_sixteen_bit_png_is_stretched_to_the_full_8_bit_range():
-    # A 12-bit detector image stored in 16 bits: cutting to the low byte would garble it.
-    ramp = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
-    array = decode_image(_encode(Image.fromarray(ramp), "PNG"), 64, 1)[..., 0]
-    assert array.min() == 0 and array.max() == 255
-    assert np.all(np.diff(array.astype(int), axis=1) >= 0), "intensity order must be kept"
-
-
-def test_transparent_areas_become_black():
-    rgba = np.full((40, 40, 4), 255, np.uint8)
-    rgba[:, :20, 3] = 0  # left half fully transparent
-    array = decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"), 40, 1)[..., 0]
-    assert array[:, :18].max() == 0 and array[:, 22:].min() == 255
-
-
-def test_grayscale_and_rgb_decodes_agree_on_a_gray_image():
-    gray = _noise(64, 64)
-    data = _encode(Image.fromarray(gray, "L"), "PNG")
-    one, three = decode_image(data, 64, 1), decode_image(data, 64, 3)
-    np.testing.assert_array_equal(one[..., 0], gray)
-    np.testing.assert_array_equal(three, np.repeat(one, 3, axis=-1))
-
-
-@pytest.mark.parametrize(
-    "data,message",
-    [
-        (b"", "empty"),
-        (b"patient notes, not an image", "not a recognised image"),
-        (_encode(Image.fromarray(_noise(20, 80), "L"), "PNG"), "smaller than"),
-    ],
-)
-def test_decode_image_rejects_bad_bytes_with_a_reason(data, message):
-    with pytest.raises(ImageError, match=message):
-        decode_image(data, 64, 1)
-
-
-def test_decode_image_rejects_truncated_jpeg():
-    data = _encode(Image.fromarray(_noise(300, 300, 3), "RGB"), "JPEG", quality=95)
-    with pytest.raises(ImageError, match="truncated or corrupt"):
-        decode_image(data[: len(data) // 2], 64, 3)
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header declares ``width`` x ``height`` 8-bit gray pixels, with one tiny IDAT."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
-
-
-def test_decode_image_refuses_a_decompression_bomb_before_decoding():
-    # 60,000 x 60,000 pixels declared in a 100-byte file: refused from the header alone.
-    data = _png_header_only(60_000, 60_000)
-    assert len(data) < 200
-    with pytest.raises(ImageError, match="pixel|too large"):
-        decode_image(data, 64, 1)
+from pneumo.preprocessing import decode_file
 
 
 @pytest.mark.parametrize(
@@ -206,12 +81,12 @@ def messy_layout(tmp_path, sample_bytes) -> Path:
     }
     for path, sample in good.items():
         path.write_bytes(sample_bytes[sample])
-    jpeg = _encode(Image.fromarray(_noise(300, 300, 3), "RGB"), "JPEG", quality=95)
+    jpeg = xf.encode(Image.fromarray(xf.noise(300, 300, 3), "RGB"), "JPEG", quality=95)
     (normal / "IM-0004-0001.jpeg").write_bytes(jpeg[: len(jpeg) // 2])  # truncated
     (normal / "IM-0005-0001.png").write_bytes(os.urandom(2048))  # corrupt
     (normal / ".IM-0006-0001.jpeg").write_bytes(sample_bytes["L.jpeg"])  # hidden (a valid image!)
     (pneumonia / "notes.txt").write_text("not an image")
-    (pneumonia / "person4_virus_6.png").write_bytes(_encode(Image.fromarray(_noise(16, 16), "L"), "PNG"))  # tiny
+    (pneumonia / "person4_virus_6.png").write_bytes(xf.encode(Image.fromarray(xf.noise(16, 16), "L"), "PNG"))  # tiny
     (pneumonia / "subfolder").mkdir()  # directories are not files to judge
     return tmp_path
 
@@ -381,18 +256,8 @@ def test_grouped_split_refuses_impossible_fractions():
 # --- the notebook's validation scheme ----------------------------------------------------------
 
 
-def _tree_state(root: Path) -> dict[str, tuple[str, int]]:
-    """Every entry below root with its content hash and mtime (what 'nothing moved' means)."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        stat = path.lstat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-        state[path.relative_to(root).as_posix()] = (digest, stat.st_mtime_ns)
-    return state
-
-
 def test_notebook_scheme_moves_100_test_images_to_val_without_touching_files(tmp_path):
-    small = _encode(Image.fromarray(_noise(32, 32), "L"), "PNG")
+    small = xf.encode(Image.fromarray(xf.noise(32, 32), "L"), "PNG")
     for split, per_class in (("train", 15), ("test", 60)):
         for label, name in enumerate(CLASS_NAMES):
             folder = tmp_path / split / name
@@ -400,9 +265,9 @@ def test_notebook_scheme_moves_100_test_images_to_val_without_touching_files(tmp
             for i in range(per_class):
                 stem = f"IM-{split}{i:04d}-0001" if label == 0 else f"person{i}{split}_virus_{i}"
                 (folder / f"{stem}.png").write_bytes(small)
-    before = _tree_state(tmp_path)
+    before = tree_state(tmp_path)
     manifest = build_manifest(discover(tmp_path).images, 0.1, 3, val_scheme="notebook")
-    assert _tree_state(tmp_path) == before
+    assert tree_state(tmp_path) == before
     counts = manifest.groupby("split").size().to_dict()
     assert counts == {"train": 30, "val": 100, "test": 20}
     assert manifest.loc[manifest["split"] == "val", "path"].str.startswith("test/").all()
@@ -422,7 +287,7 @@ def test_notebook_scheme_needs_a_test_folder(tmp_path):
 
 def make_tiny_layout(root: Path) -> Path:
     """Four patients per class, two images each, in train only."""
-    data = _encode(Image.fromarray(_noise(32, 32), "L"), "PNG")
+    data = xf.encode(Image.fromarray(xf.noise(32, 32), "L"), "PNG")
     for label, name in enumerate(CLASS_NAMES):
         folder = root / "train" / name
         folder.mkdir(parents=True)

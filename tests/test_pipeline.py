@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_subset
+from helpers import cached_set
 from pneumo import CLASS_NAMES, pipeline
 from pneumo.cv import cv_arrays
 from pneumo.data import build_manifest, discover
@@ -103,13 +104,25 @@ def test_every_epoch_is_a_fresh_balanced_draw():
     assert all(sorted(order) == list(range(37)) for order in plain)
 
 
-def test_balanced_training_batches_are_balanced_per_epoch(contract):
+def test_balanced_training_batches_are_balanced_in_every_epoch(contract):
+    # Real images, batch 2: every image of the majority class once per epoch, the minority drawn up to it.
     _, _, images, _, _ = contract
     dataset, steps = pipeline.train_dataset(images, 2, 1, seed=0, balance=True)
     labels = np.concatenate([y for _, y in dataset.as_numpy_iterator()])
     majority = int(np.bincount(images.labels).max())
     assert steps == majority and len(labels) == 2 * majority
     assert labels.sum() == majority
+    # 30 normal to 90 pneumonia over three epochs: each epoch balanced, up to the dropped remainder.
+    data = cached_set(30, 90)
+    dataset, steps = pipeline.train_dataset(data, batch_size=12, epochs=3, seed=1, balance=True)
+    labels = np.concatenate([y.numpy() for _, y in dataset])
+    assert steps == 180 // 12
+    for epoch in range(3):
+        counts = np.bincount(labels[epoch * steps * 12 : (epoch + 1) * steps * 12].astype(int), minlength=2)
+        assert abs(counts[0] - counts[1]) <= 12, counts  # only the dropped remainder may differ
+    # Without balancing the draw keeps the natural 1:3 ratio.
+    plain, _ = pipeline.train_dataset(data, batch_size=12, epochs=1, seed=1, balance=False)
+    assert np.concatenate([y.numpy() for _, y in plain]).mean() == pytest.approx(0.75, abs=0.05)
 
 
 def test_train_dataset_refuses_a_batch_larger_than_the_data(contract):

@@ -1,15 +1,15 @@
-"""decode_image and the served model's cell decoder on real X-rays in every accepted and refused form."""
+"""decode_image and the served model's cell decoder, on images of every mode and on real X-rays in every
+accepted and refused form."""
 
 from __future__ import annotations
 
 import base64
 import io
-import time
 import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 import xray_files as xf
 from conftest import SHARED_DATA
@@ -94,6 +94,12 @@ def test_dicom_voi_window_is_applied(gray):
 
 
 def test_transparent_areas_become_black(gray):
+    # A white image whose left half is fully transparent: black there, exactly white elsewhere.
+    rgba = np.full((40, 40, 4), 255, np.uint8)
+    rgba[:, :20, 3] = 0
+    array = decode_image(xf.encode(Image.fromarray(rgba, "RGBA"), "PNG"), 40, 1)[..., 0]
+    assert array[:, :18].max() == 0 and array[:, 22:].min() == 255
+    # A real X-ray whose top half is transparent: black there, the picture below keeps its detail.
     decoded = decode_image(xf.rgba_png(gray, transparent_rows=gray.shape[0] // 2), SIZE, 1)
     assert decoded[: SIZE // 2 - 1].max() == 0
     assert decoded[SIZE // 2 + 1 :].std() > 20
@@ -116,12 +122,29 @@ def test_exif_orientation_is_applied():
         (lambda path: b"", "empty image data"),
         (lambda path: b"this is a text file, not an X-ray\n" * 10, "not a recognised image"),
         (lambda path: bytes(range(256)) * 4, "not a recognised image"),
+        (lambda path: b"patient notes, not an image", "not a recognised image"),
         (lambda path: path.read_bytes()[: len(path.read_bytes()) // 3], "truncated or corrupt"),
+        (
+            lambda path: _truncated(xf.encode(Image.fromarray(xf.noise(300, 300, 3), "RGB"), "JPEG", quality=95)),
+            "truncated or corrupt",
+        ),
         (lambda path: xf.tiny_png(1), "1x1 pixels, smaller than 32"),
+        (lambda path: xf.encode(Image.fromarray(xf.noise(20, 80), "L"), "PNG"), "80x20 pixels, smaller than 32"),
         (lambda path: xf.png_header_only(100_000, 100_000), "image too large"),
         (lambda path: xf.png_header_only(8_000, 8_000), "8000x8000 pixels, over the 50,000,000-pixel limit"),
     ],
-    ids=["empty", "text", "random-bytes", "truncated-jpeg", "1x1", "bomb-100k", "bomb-8k"],
+    ids=[
+        "empty",
+        "text",
+        "random-bytes",
+        "notes",
+        "truncated-jpeg",
+        "truncated-synthetic-jpeg",
+        "1x1",
+        "80x20",
+        "bomb-100k",
+        "bomb-8k",
+    ],
 )
 # PIL warns about the 8k image when reading its header; the decoder's own check then refuses it.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -130,16 +153,74 @@ def test_bad_bytes_raise_image_error_naming_the_problem(xray_path, make, message
         decode_image(make(xray_path), SIZE, 1)
 
 
-def test_decompression_bomb_is_refused_before_decoding():
-    # The header claims 10^10 pixels; the pixel data is 16 bytes. Refusing from the header is
-    # the only way to get a size message (decoding would report corrupt data), and it is instant.
-    started = time.perf_counter()
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("side", [60_000, 100_000])
+def test_decompression_bomb_is_refused_before_decoding(side, monkeypatch):
+    # The header claims billions of pixels in a file of a few dozen bytes. Refusing from the header
+    # is the only way to get a size message (decoding would report corrupt data), and the work is
+    # bounded by the header: PIL's pixel decoder (ImageFile.load) is never called.
+    data = xf.png_header_only(side, side)
+    assert len(data) < 200 and side * side > MAX_PIXELS
+    loads = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: loads.append(image) or original(image))
+    decode_image(xf.tiny_png(64), SIZE, 1)
+    assert loads, "the probe must see an ordinary decode"
+    loads.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no allocation warning either: the pixels are never touched
         with pytest.raises(ImageError, match="too large|over the"):
-            decode_image(xf.png_header_only(100_000, 100_000), SIZE, 1)
-    assert time.perf_counter() - started < 1.0
-    assert 100_000 * 100_000 > MAX_PIXELS
+            decode_image(data, SIZE, 1)
+    assert not loads, "the bomb's pixels were decoded"
+
+
+# --- synthetic images of every mode -------------------------------------------------------------
+
+
+def test_samples_really_have_their_modes(sample_bytes):
+    expected = {
+        "L.jpeg": "L",
+        "RGB.jpeg": "RGB",
+        "CMYK.jpeg": "CMYK",
+        "LA.png": "LA",
+        "RGBA.png": "RGBA",
+        "P.png": "P",
+        "I16.png": "I;16",
+    }
+    for name, mode in expected.items():
+        with Image.open(io.BytesIO(sample_bytes[name])) as image:
+            assert image.mode == mode, name
+
+
+@pytest.mark.parametrize("name", sorted(xf.SAMPLES))
+@pytest.mark.parametrize("image_size,channels", [(64, 3), (48, 1), (224, 1)])
+def test_decode_image_shape_and_dtype_for_every_mode(sample_bytes, name, image_size, channels):
+    array = decode_image(sample_bytes[name], image_size, channels)
+    assert array.shape == (image_size, image_size, channels)
+    assert array.dtype == np.uint8
+    assert array.max() > array.min(), "noise must survive decoding"
+
+
+def test_sixteen_bit_png_is_stretched_to_the_full_8_bit_range():
+    # A 12-bit detector image stored in 16 bits: cutting to the low byte would garble it.
+    ramp = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
+    array = decode_image(xf.encode(Image.fromarray(ramp), "PNG"), 64, 1)[..., 0]
+    assert array.min() == 0 and array.max() == 255
+    assert np.all(np.diff(array.astype(int), axis=1) >= 0), "intensity order must be kept"
+
+
+def test_grayscale_and_rgb_decodes_agree_on_a_gray_image():
+    gray = xf.noise(64, 64)
+    data = xf.encode(Image.fromarray(gray, "L"), "PNG")
+    one, three = decode_image(data, 64, 1), decode_image(data, 64, 3)
+    np.testing.assert_array_equal(one[..., 0], gray)
+    np.testing.assert_array_equal(three, np.repeat(one, 3, axis=-1))
+
+
+# --- the served model's cell decoder ------------------------------------------------------------
 
 
 def test_dicom_with_huge_dimensions_is_refused_before_its_pixels(gray):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,17 +14,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from helpers import artifacts, read_json, read_text, run_project
 from pneumo.config import TuneConfig
 from pneumo.tune import log_study_summary, masked, open_study, suggest
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for info in client.list_artifacts(run_id, path):
-        found |= _artifacts(client, run_id, info.path) if info.is_dir else {info.path}
-    return found
 
 
 def _children(client: MlflowClient, parent_id: str, entry_point: str = "tune_trial") -> list:
@@ -49,16 +44,10 @@ def _base_params(small_data, storage: str) -> dict:
 
 
 def _tune(repo, parameters: dict) -> str:
-    return mlflow.projects.run(
-        str(repo),
-        entry_point="tune",
-        parameters=parameters,
-        env_manager="local",
-        experiment_name="pneumo-test",
-        synchronous=True,
-    ).run_id
+    return run_project(repo, "tune", parameters, "pneumo-test").run_id
 
 
+@pytest.mark.slow
 def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(repo, tracking, small_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     client = MlflowClient()
@@ -74,11 +63,11 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
         assert run.data.params["monitor"] == "val_auc" and run.data.params["epochs"] == "2"
         # The objective is the exact (sklearn) ROC AUC of the kept weights on the grouped validation split.
         assert run.data.metrics["objective_value"] == pytest.approx(run.data.metrics["val_roc_auc"])
-    artifacts = _artifacts(client, first)
+    files = artifacts(client, first)
     for name in ("optimization_history", "param_importances", "parallel_coordinate", "slice", "intermediate_values"):
-        assert f"plots/optuna_{name}.png" in artifacts, name
-    assert {"trials.csv", "best_params.json", "manifest.csv"} <= artifacts
-    best = json.loads(open(client.download_artifacts(first, "best_params.json")).read())
+        assert f"plots/optuna_{name}.png" in files, name
+    assert {"trials.csv", "best_params.json", "manifest.csv"} <= files
+    best = read_json(client.download_artifacts(first, "best_params.json"))
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in trials}
     assert best["value"] == max(r.data.metrics["objective_value"] for r in trials)
     assert best["mlflow_run_id"] == by_number[best["trial_number"]].info.run_id
@@ -123,7 +112,7 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
     model_uri = client.get_run(second).data.tags["pneumo.best_model_uri"]
     assert model_uri == f"runs:/{retrained.info.run_id}/model"
     assert mlflow.models.get_model_info(model_uri).signature is not None
-    assert {"threshold.json", "manifest.csv", "plots/training_curves.png"} <= _artifacts(client, retrained.info.run_id)
+    assert {"threshold.json", "manifest.csv", "plots/training_curves.png"} <= artifacts(client, retrained.info.run_id)
     # Same seed, data and parameters: the retrained model reproduces its trial (up to CPU
     # thread-scheduling noise, one or two swapped ranks among the 24 validation images).
     assert retrained.data.metrics["val_roc_auc"] == pytest.approx(
@@ -131,18 +120,26 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
     )
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_repeating_trials(repo, tracking, small_data, tmp_path, python):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     n_trials = 4
     params = {**_base_params(small_data, storage), "n_trials": n_trials, "pruner": "none", "epochs": 1}
     command = [python, "-m", "entrypoints.tune"] + [f"--{k}={v}" for k, v in params.items()]
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    workers = [
-        subprocess.Popen(command, cwd=repo, env=os.environ.copy(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-        for log in logs
-    ]
-    for worker, log in zip(workers, logs):
-        assert worker.wait(timeout=400) == 0, log.read_text()[-3000:]
+    with contextlib.ExitStack() as outputs:
+        workers = [
+            subprocess.Popen(
+                command,
+                cwd=repo,
+                env=os.environ.copy(),
+                stdout=outputs.enter_context(open(log, "w")),
+                stderr=subprocess.STDOUT,
+            )
+            for log in logs
+        ]
+        for worker, log in zip(workers, logs):
+            assert worker.wait(timeout=400) == 0, log.read_text()[-3000:]
 
     study = optuna.load_study(study_name="tiny", storage=storage)
     finished = [t for t in study.trials if t.state in FINISHED]
@@ -176,8 +173,8 @@ def test_study_summary_handles_small_studies(tracking, tmp_path):
     with mlflow.start_run() as run:
         assert log_study_summary(study, tune) is None  # nothing completed: no best, no crash
     client = MlflowClient()
-    assert "plots/optuna_intermediate_values.png" in _artifacts(client, run.info.run_id)
-    assert "plots/optuna_optimization_history.png" not in _artifacts(client, run.info.run_id)
+    assert "plots/optuna_intermediate_values.png" in artifacts(client, run.info.run_id)
+    assert "plots/optuna_optimization_history.png" not in artifacts(client, run.info.run_id)
 
     complete = study.ask()
     params = suggest(complete, tune)
@@ -185,16 +182,16 @@ def test_study_summary_handles_small_studies(tracking, tmp_path):
     with mlflow.start_run() as run:
         best = log_study_summary(study, tune)
     assert best.number == complete.number
-    artifacts = _artifacts(client, run.info.run_id)
+    files = artifacts(client, run.info.run_id)
     assert {
         "plots/optuna_optimization_history.png",
         "plots/optuna_slice.png",
         "trials.csv",
         "best_params.json",
-    } <= artifacts
+    } <= files
     # Importances need two completed trials: skipped with a note, not an error.
-    assert "plots/optuna_param_importances.png" not in artifacts
-    assert "param_importances" in open(client.download_artifacts(run.info.run_id, "plots/skipped_plots.txt")).read()
+    assert "plots/optuna_param_importances.png" not in files
+    assert "param_importances" in read_text(client.download_artifacts(run.info.run_id, "plots/skipped_plots.txt"))
     logged = client.get_run(run.info.run_id).data
     assert logged.metrics["best_value"] == 0.8 and logged.metrics["n_trials_pruned"] == 1
     assert float(logged.params["best_rotation"]) == pytest.approx(params["rotation"])

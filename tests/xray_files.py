@@ -1,8 +1,9 @@
-"""Test inputs in every format the decoder must accept or refuse, made from real X-rays.
+"""Test image files in every format the decoder must accept or refuse: the one home of image builders.
 
-Every builder returns file bytes. The accepted formats (RGBA and 16-bit PNG, CMYK JPEG, DICOM
-MONOCHROME1/2 with or without a VOI window) carry the same picture as :func:`reference_png`, so
-a test can require that they decode, and predict, like it.
+Every builder returns file bytes. The accepted formats made from a real X-ray (RGBA and 16-bit
+PNG, CMYK JPEG, DICOM MONOCHROME1/2 with or without a VOI window) carry the same picture as
+:func:`reference_png`, so a test can require that they decode, and predict, like it.
+:data:`SAMPLES` holds small synthetic images of every PIL mode a user may bring.
 """
 
 from __future__ import annotations
@@ -32,32 +33,66 @@ def gray_pixels(path: Path) -> np.ndarray:
     return np.round((gray - gray.min()) * 255.0 / (gray.max() - gray.min())).astype(np.uint8)
 
 
-def _save(image: Image.Image, fmt: str, **options) -> bytes:
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    """The bytes of ``image`` saved in format ``fmt`` (``PNG``, ``JPEG``, ...)."""
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
+def noise(height: int, width: int, channels: int = 0, dtype=np.uint8, high: int = 256, seed: int = 0) -> np.ndarray:
+    """Random pixels, ``(height, width)`` or ``(height, width, channels)``, below ``high``."""
+    shape = (height, width, channels) if channels else (height, width)
+    return np.random.default_rng(seed).integers(0, high, shape).astype(dtype)
+
+
+def palette_image() -> Image.Image:
+    """A four-colour palette (P mode) image."""
+    image = Image.fromarray(noise(50, 70, high=4), mode="L").convert("P")
+    image.putpalette([0, 0, 0, 90, 90, 90, 180, 180, 180, 255, 255, 255])
+    return image
+
+
+# name -> (PIL image, format, save options); every mode the dataset or a user may bring.
+SAMPLES = {
+    "L.jpeg": (lambda: Image.fromarray(noise(60, 45), "L"), "JPEG", {}),
+    "RGB.jpeg": (lambda: Image.fromarray(noise(40, 90, 3), "RGB"), "JPEG", {}),
+    "CMYK.jpeg": (lambda: Image.fromarray(noise(64, 64, 4), "CMYK"), "JPEG", {}),
+    "L.png": (lambda: Image.fromarray(noise(33, 200), "L"), "PNG", {}),
+    "LA.png": (lambda: Image.fromarray(noise(48, 48, 2), "LA"), "PNG", {}),
+    "RGB.png": (lambda: Image.fromarray(noise(128, 96, 3), "RGB"), "PNG", {}),
+    "RGBA.png": (lambda: Image.fromarray(noise(70, 50, 4), "RGBA"), "PNG", {}),
+    "P.png": (palette_image, "PNG", {}),
+    "P-transparent.png": (palette_image, "PNG", {"transparency": 0}),
+    "I16.png": (lambda: Image.fromarray(noise(80, 60, dtype=np.uint16, high=4096)), "PNG", {}),
+}
+
+
+def sample_files() -> dict[str, bytes]:
+    """The encoded bytes of every :data:`SAMPLES` image."""
+    return {name: encode(make(), fmt, **options) for name, (make, fmt, options) in SAMPLES.items()}
+
+
 def reference_png(gray: np.ndarray) -> bytes:
     """Lossless 8-bit grayscale PNG: the picture every accepted variant below must match."""
-    return _save(Image.fromarray(gray, mode="L"), "PNG")
+    return encode(Image.fromarray(gray, mode="L"), "PNG")
 
 
 def rgba_png(gray: np.ndarray, transparent_rows: int = 0) -> bytes:
     """RGBA PNG, opaque except for the top ``transparent_rows`` rows."""
     rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
     rgba[:transparent_rows, :, 3] = 0
-    return _save(Image.fromarray(rgba, mode="RGBA"), "PNG")
+    return encode(Image.fromarray(rgba, mode="RGBA"), "PNG")
 
 
 def png16(gray: np.ndarray) -> bytes:
     """16-bit grayscale PNG spanning the full 0..65535 range (each 8-bit level times 257)."""
-    return _save(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
+    return encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
 
 
 def cmyk_jpeg(gray: np.ndarray) -> bytes:
     """CMYK JPEG (as print and some PACS exports write them)."""
-    return _save(Image.fromarray(gray, mode="L").convert("RGB").convert("CMYK"), "JPEG", quality=95)
+    return encode(Image.fromarray(gray, mode="L").convert("RGB").convert("CMYK"), "JPEG", quality=95)
 
 
 def dicom(
@@ -121,4 +156,4 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def tiny_png(side: int = 1) -> bytes:
     """A valid ``side`` x ``side`` PNG."""
-    return _save(Image.new("L", (side, side), 128), "PNG")
+    return encode(Image.new("L", (side, side), 128), "PNG")

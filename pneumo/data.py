@@ -90,6 +90,7 @@ def download_dataset() -> Path:
         DataError: kagglehub is missing, the network is unreachable, or the layout is unexpected.
     """
     try:
+        # Imported here: only a download needs it, and a broken install must end in this DataError.
         import kagglehub
 
         root = Path(kagglehub.dataset_download(KAGGLE_DATASET))

@@ -8,9 +8,10 @@ the sigmoid's gradient vanishes exactly for the confident mistakes a reviewer mo
 The target is the last convolutional stage of the top-level graph with a grid fine enough to
 read (see :func:`target_layer`): a ``Conv2D`` together with the batch normalisation and
 activation applied directly to it (``aug_cnn``, the notebook ``cnn``), or a nested backbone such
-as ResNet50 taken as a whole (its output is its last conv block). Nested backbones are why the features are obtained by running the top-level layers one
-after another instead of by a sub-model on an inner layer's output: an inner layer of a nested
-model is not connected to the outer model's inputs. Models without a convolution (the dense
+as ResNet50 taken as a whole (its output is its last conv block). Nested backbones are why the
+features are obtained by running the top-level layers one after another instead of by a
+sub-model on an inner layer's output: an inner layer of a nested model is not connected to the
+outer model's inputs. Models without a convolution (the dense
 baseline) have no spatial feature map, hence no Grad-CAM.
 """
 

@@ -101,20 +101,37 @@ def plot_image_grid(images: np.ndarray, titles: list[str], title: str, columns: 
     return figure
 
 
+def _mark_thresholds(
+    axis: plt.Axes,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float,
+    position: Callable[[dict[str, float]], tuple[float, float]],
+    describe: Callable[[dict[str, float]], str],
+) -> None:
+    """Mark the operating threshold (red circle) and 0.5 (grey square) on a curve, where defined.
+
+    ``position`` and ``describe`` turn the metrics at a threshold into the point and its legend.
+    """
+    for value, marker, colour in ((threshold, "o", "crimson"), (0.5, "s", "dimgray")):
+        point = binary_metrics(labels, probabilities, value)
+        x, y = position(point)
+        if math.isfinite(x) and math.isfinite(y):  # e.g. no precision when nothing is predicted positive
+            axis.plot(x, y, marker, color=colour, markersize=9, label=f"threshold {value:.3f}: {describe(point)}")
+
+
 def plot_roc(labels: np.ndarray, probabilities: np.ndarray, threshold: float, name: str, title: str) -> plt.Figure:
     """ROC curve (scikit-learn's display) with the operating threshold and 0.5 marked."""
     figure, axis = plt.subplots(figsize=(5.2, 5.0))
     RocCurveDisplay.from_predictions(labels, probabilities, name=name, ax=axis, plot_chance_level=True)
-    for value, marker, colour in ((threshold, "o", "crimson"), (0.5, "s", "dimgray")):
-        point = binary_metrics(labels, probabilities, value)
-        axis.plot(
-            1 - point["specificity"],
-            point["sensitivity"],
-            marker,
-            color=colour,
-            markersize=9,
-            label=f"threshold {value:.3f}: sens {point['sensitivity']:.3f}, spec {point['specificity']:.3f}",
-        )
+    _mark_thresholds(
+        axis,
+        labels,
+        probabilities,
+        threshold,
+        lambda p: (1 - p["specificity"], p["sensitivity"]),
+        lambda p: f"sens {p['sensitivity']:.3f}, spec {p['specificity']:.3f}",
+    )
     axis.set_xlabel("1 - specificity (false positive rate)")
     axis.set_ylabel("sensitivity (true positive rate)")
     axis.set_title(title)
@@ -129,17 +146,14 @@ def plot_precision_recall(
     """Precision-recall curve (scikit-learn's display) with the operating threshold and 0.5 marked."""
     figure, axis = plt.subplots(figsize=(5.2, 5.0))
     PrecisionRecallDisplay.from_predictions(labels, probabilities, name=name, ax=axis, plot_chance_level=True)
-    for value, marker, colour in ((threshold, "o", "crimson"), (0.5, "s", "dimgray")):
-        point = binary_metrics(labels, probabilities, value)
-        if math.isfinite(point["ppv"]):
-            axis.plot(
-                point["sensitivity"],
-                point["ppv"],
-                marker,
-                color=colour,
-                markersize=9,
-                label=f"threshold {value:.3f}: recall {point['sensitivity']:.3f}, precision {point['ppv']:.3f}",
-            )
+    _mark_thresholds(
+        axis,
+        labels,
+        probabilities,
+        threshold,
+        lambda p: (p["sensitivity"], p["ppv"]),
+        lambda p: f"recall {p['sensitivity']:.3f}, precision {p['ppv']:.3f}",
+    )
     axis.set_xlabel("recall (sensitivity)")
     axis.set_ylabel("precision (PPV)")
     axis.set_title(title)

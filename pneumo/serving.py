@@ -126,7 +126,8 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
             listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
             more = f"; and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
             raise bad_request(
-                f"{len(errors)} of {len(model_input)} row(s) are not usable images, nothing was predicted: {listed}{more}"
+                f"{len(errors)} of {len(model_input)} row(s) are not usable images, nothing was predicted: "
+                f"{listed}{more}"
             )
         batch = np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
         return label_frame(predict_probabilities(self.model, batch), float(self.config["threshold"]))

@@ -1,4 +1,8 @@
-"""pneumo: MLflow-tracked classifiers that tell NORMAL from PNEUMONIA in pediatric chest X-rays."""
+"""pneumo: MLflow-tracked classifiers that tell NORMAL from PNEUMONIA in pediatric chest X-rays.
+
+"The notebook", in docstrings and comments throughout, is the Kaggle-style notebook this project
+started from; README.md ("Where this comes from") says what it built and what it got wrong.
+"""
 
 # The one label contract of the project: index 1 is the positive class (pneumonia).
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")

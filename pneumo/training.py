@@ -1,9 +1,10 @@
 """Fitting Keras models and logging everything about them to MLflow.
 
-:func:`train_model` is the one training loop behind ``baseline``, ``cnn``, ``aug_cnn``, each
-``tune`` trial and the head of ``resnet``: balanced/augmented ``tf.data`` input, early stopping
-with the best weights restored, a checkpoint of the best epoch, per-epoch metrics, then the
-validation threshold, figures and the served model.
+:func:`train_model` is the one training loop behind ``baseline``, ``cnn``, ``aug_cnn`` and each
+``tune`` trial: balanced/augmented ``tf.data`` input, early stopping with the best weights
+restored, a checkpoint of the best epoch, per-epoch metrics, then the validation threshold,
+figures and the served model. ``resnet`` (head and fine-tuning) and ``cv`` (the refit) use its
+parts: :func:`fit`, :func:`evaluate_validation` and :func:`log_outputs`.
 """
 
 from __future__ import annotations

@@ -461,7 +461,7 @@ def tune(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: CNNC
             searched; ``epochs`` and the rest apply to every trial).
         augment: Base augmentation (every range but ``flip`` is searched).
         cnn: Network settings (``dropout`` optionally searched).
-        tune: Study, search space, pruner and storage settings.
+        tune_config: Study, search space, pruner and storage settings.
 
     Returns:
         The id of the parent MLflow run.

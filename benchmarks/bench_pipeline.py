@@ -47,9 +47,7 @@ def main() -> None:
     data_dir = data_lib.resolve_data_dir(data.data_dir)
     found = data_lib.discover(data_dir)
     manifest = data_lib.build_manifest(found.images, data.val_fraction, data.seed)
-    train_set = pipeline.load_split(
-        data_lib.split_frame(manifest, "train"), data_dir, data.image_size, data.channels, data.cache_dir
-    )
+    train_set = pipeline.load_split(data_lib.split_frame(manifest, "train"), data_dir, data.input_spec, data.cache_dir)
     batch, steps = train.batch_size, args.steps
     dataset, _ = pipeline.train_dataset(
         train_set, batch, 2, data.seed, True, build_augmenter(AugmentConfig(), data.seed)

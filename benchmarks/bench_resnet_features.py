@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pneumo import data as data_lib  # noqa: E402
 from pneumo import models, pipeline  # noqa: E402
 from pneumo.config import ResNetConfig, TrainConfig  # noqa: E402
+from pneumo.preprocessing import InputSpec  # noqa: E402
 from pneumo.resnet import extract_features  # noqa: E402
 from pneumo.training import compile_model, make_optimizer, set_precision  # noqa: E402
 
@@ -53,7 +54,7 @@ def main() -> None:
         .loc[[f.relative_to(data_dir).as_posix() for f in files]]
         .reset_index()
     )
-    images = pipeline.load_split(frame, data_dir, args.image_size, 3)
+    images = pipeline.load_split(frame, data_dir, InputSpec(args.image_size, 3))
     train = TrainConfig(batch_size=32, epochs=1, cosine_decay=False)
 
     base = models.build_resnet_base(args.image_size, 3, "none")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pneumo.errors import ConfigError
+from pneumo.preprocessing import Equalizer, InputSpec
 
 T = TypeVar("T")
 
@@ -68,10 +69,26 @@ class DataConfig(_Checked):
     # Cap on images per class and split (whole patients are kept together); 0 = all.
     # For smoke runs and tests only.
     limit_per_class: int = 0
-    # Folder for the decoded-image cache (.npz per manifest/size/channels); empty = no disk cache.
+    # Fraction of each side cut away before resizing: burned-in markers and collimator edges are
+    # shortcuts that do not transfer between hospitals.
+    crop: float = 0.0
+    # Intensity equalisation after resizing: "none", "hist" (global histogram equalisation) or
+    # "clahe" (contrast-limited adaptive histogram equalisation); evens out detector response.
+    equalize: Equalizer = "none"
+    # Folder for the decoded-image cache (.npz per manifest and input spec); empty = no disk cache.
     cache_dir: str = "outputs/cache"
     # Seed for the split, the sampling, the augmentation and the weights.
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.crop < 0.5:
+            raise ConfigError(f"crop must be in [0, 0.5), got {self.crop}")
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """How this run's files become model inputs (saved with the model)."""
+        return InputSpec(self.image_size, self.channels, self.crop, self.equalize)
 
 
 @dataclass
@@ -95,6 +112,10 @@ class AugmentConfig(_Checked):
     gamma: float = 0.3
     # Horizontal flips. Off: a chest X-ray has a fixed orientation (heart on the left).
     flip: bool = False
+    # Largest blend towards a Gaussian blur (sigma 1.5 px), 0 disables: softer detectors.
+    blur: float = 0.0
+    # Largest standard deviation of additive noise, as a fraction of full scale; 0 disables.
+    noise: float = 0.0
 
 
 @dataclass
@@ -118,6 +139,10 @@ class TrainConfig(_Checked):
     target_sensitivity: float = 0.97
     # Cosine decay of the learning rate over the planned epochs.
     cosine_decay: bool = True
+    # Label smoothing of the cross-entropy (0 = none): keeps scores off 0 and 1.
+    label_smoothing: float = 0.0
+    # Validate, checkpoint and serve an exponential moving average of the weights (momentum 0.99).
+    ema: bool = False
 
 
 @dataclass
@@ -181,6 +206,24 @@ class EvalConfig(_Checked):
     registered_name: str = "pneumonia-classifier"
     # Most confident false negatives, and false positives, shown in the Grad-CAM error gallery.
     gallery_size: int = 4
+    # Average each image's probability over the fixed test-time views (7 forward passes per image).
+    tta: bool = False
+    # Patient-grouped bootstrap resamples behind the 95% confidence intervals (0 = none).
+    bootstrap: int = 2000
+    # Site calibration: take the evaluated split (e.g. a hospital's labelled local folder given as
+    # data_dir) as the local sample, choose the threshold reaching site_sensitivity on it, and
+    # register a new version carrying that threshold under alias site_alias (the evaluated
+    # version is left untouched). Refused when the sample has too few pneumonia images.
+    calibrate: bool = False
+    site_sensitivity: float = 0.98
+    site_alias: str = "site"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.site_sensitivity < 1.0:
+            raise ConfigError(f"site_sensitivity must be in (0, 1), got {self.site_sensitivity}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"bootstrap must not be negative, got {self.bootstrap}")
 
 
 @dataclass

@@ -64,6 +64,16 @@ def patient_id(file_name: str) -> str:
     return stem
 
 
+def ids_shared_with_training(manifest: pd.DataFrame, frame: pd.DataFrame) -> np.ndarray:
+    """Which rows of ``frame`` carry a patient id that also occurs in the manifest's train or val split.
+
+    Such ids may or may not be the same child (see :func:`patient_key`); ``evaluate`` reports the
+    test figures with and without them.
+    """
+    training_ids = set(manifest.loc[manifest["split"].isin(["train", "val"]), "patient_id"])
+    return frame["patient_id"].isin(training_ids).to_numpy()
+
+
 def patient_key(frame: pd.DataFrame) -> pd.Series:
     """The patient of each row: its patient id qualified by the id space of its source folder.
 

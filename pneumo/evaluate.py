@@ -8,6 +8,7 @@ Everything is logged to a new run tagged with the evaluated model's run id. With
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import pandas as pd
 
 from pneumo import CLASS_NAMES, gradcam, metrics, model_io, pipeline, plots, registry, tracking
 from pneumo.config import DataConfig, EvalConfig, RunConfigs
-from pneumo.data import Manifest
+from pneumo.data import Manifest, ids_shared_with_training, patient_key
 from pneumo.errors import ConfigError, DataError
 from pneumo.model_io import TrainedModel
 from pneumo.preprocessing import decode_file
@@ -55,11 +56,16 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
         _log_evaluated_model(trained, config)
         manifest = tracking.resolve_manifest(data)
         tracking.log_manifest(manifest, context="evaluation")
-        predicted = _predict_evaluated_split(trained, manifest, config.split, data.cache_dir)
+        predicted = _predict_evaluated_split(trained, manifest, config.split, data.cache_dir, config.tta)
+        site_threshold = _site_threshold(predicted, config) if config.calibrate else None  # refuses early
         scores = _log_metrics(trained, predicted, threshold, config.split)
+        _log_intervals(predicted, threshold, config.split, config.bootstrap)
+        _log_without_shared_ids(manifest, predicted, threshold, config.split)
         title = f"{_model_name(trained)} on {config.split} ({len(predicted.labels)} images)"
         _log_figures(trained, predicted, threshold, config.split, title)
         _log_error_gallery(trained, predicted, threshold, manifest.data_dir, config.gallery_size, title)
+        if site_threshold is not None:
+            _register_site_version(trained, predicted, site_threshold, config, manifest)
         if config.register:
             registry.register_evaluated(
                 trained,
@@ -111,11 +117,13 @@ class Predictions:
         return self.images.labels
 
 
-def predict_split(trained: TrainedModel, frame: pd.DataFrame, data_dir: Path, cache_dir: str) -> Predictions:
-    """Decode manifest rows with the model's input settings and predict them."""
-    images = pipeline.load_split(frame, data_dir, trained.image_size, trained.channels, cache_dir)
+def predict_split(
+    trained: TrainedModel, frame: pd.DataFrame, data_dir: Path, cache_dir: str, tta: bool = False
+) -> Predictions:
+    """Decode manifest rows with the model's input settings and predict them (optionally with TTA)."""
+    images = pipeline.load_split(frame, data_dir, trained.input_spec, cache_dir)
     return Predictions(
-        images, model_io.predict_probabilities(trained.model, images.images), len(frame) - len(images.labels)
+        images, model_io.predict_probabilities(trained.model, images.images, tta), len(frame) - len(images.labels)
     )
 
 
@@ -138,7 +146,9 @@ def _log_evaluated_model(trained: TrainedModel, config: EvalConfig) -> None:
     )
 
 
-def _predict_evaluated_split(trained: TrainedModel, manifest: Manifest, split: str, cache_dir: str) -> Predictions:
+def _predict_evaluated_split(
+    trained: TrainedModel, manifest: Manifest, split: str, cache_dir: str, tta: bool = False
+) -> Predictions:
     """Predict the split to evaluate, which must hold decodable images of both classes.
 
     Raises:
@@ -151,7 +161,7 @@ def _predict_evaluated_split(trained: TrainedModel, manifest: Manifest, split: s
             f"cannot evaluate split '{split}': {error}. Evaluate another split (split=val) or "
             f"point data_dir at a folder with {split}/NORMAL and {split}/PNEUMONIA."
         ) from error
-    predicted = predict_split(trained, frame, manifest.data_dir, cache_dir)
+    predicted = predict_split(trained, frame, manifest.data_dir, cache_dir, tta)
     present = np.unique(predicted.labels)
     if len(present) < 2:
         raise DataError(
@@ -178,6 +188,93 @@ def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float
             )
     tracking.log_metrics(scores)
     return scores
+
+
+def _log_intervals(predicted: Predictions, threshold: float, prefix: str, resamples: int) -> dict:
+    """Log patient-grouped bootstrap 95% intervals of ROC AUC, sensitivity and specificity.
+
+    Metrics ``<prefix>_roc_auc_ci_low``/``_ci_high`` and ``<prefix>_{sensitivity,specificity}_at_threshold_ci_*``,
+    and ``<prefix>_confidence_intervals.json``. With ``resamples`` 0 nothing is logged.
+    """
+    if resamples <= 0:
+        return {}
+    groups = patient_key(predicted.images.frame).to_numpy(str)
+    intervals = metrics.bootstrap_intervals(predicted.labels, predicted.probabilities, threshold, groups, resamples)
+    names = {"roc_auc": "roc_auc", "sensitivity": "sensitivity_at_threshold", "specificity": "specificity_at_threshold"}
+    for metric, (_, low, high) in intervals.items():
+        tracking.log_metrics({f"{prefix}_{names[metric]}_ci_low": low, f"{prefix}_{names[metric]}_ci_high": high})
+    payload = {
+        "threshold": threshold,
+        "confidence": 0.95,
+        "method": f"percentile bootstrap over patients, {resamples} resamples",
+        "n_images": int(len(groups)),
+        "n_patients": int(len(set(groups))),
+        **{metric: dict(zip(("estimate", "low", "high"), values)) for metric, values in intervals.items()},
+    }
+    tracking.log_json(payload, f"{prefix}_confidence_intervals.json")
+    return intervals
+
+
+def _log_without_shared_ids(manifest: Manifest, predicted: Predictions, threshold: float, split: str) -> None:
+    """Log the split's metrics again without images whose patient id also occurs in the training folder.
+
+    The dataset numbers patients per folder, so ``person102`` in test and in train may or may not be
+    one child. Reporting both figures shows whether such possible repeats flatter the result:
+    ``<split>_excl_shared_ids_*`` and ``n_<split>_shared_id_images``.
+    """
+    if split not in ("test",):
+        return
+    shared = ids_shared_with_training(manifest.frame, predicted.images.frame)
+    tracking.log_metrics({f"n_{split}_shared_id_images": int(shared.sum())})
+    keep = ~shared
+    if shared.any() and len(np.unique(predicted.labels[keep])) == 2:
+        subset = metrics.binary_metrics(predicted.labels[keep], predicted.probabilities[keep], threshold)
+        tracking.log_metrics(
+            {
+                f"{split}_excl_shared_ids_roc_auc": subset["roc_auc"],
+                f"{split}_excl_shared_ids_sensitivity_at_threshold": subset["sensitivity"],
+                f"{split}_excl_shared_ids_specificity_at_threshold": subset["specificity"],
+                f"n_{split}_excl_shared_ids_images": int(keep.sum()),
+            }
+        )
+
+
+def _site_threshold(predicted: Predictions, config: EvalConfig) -> float:
+    """The threshold reaching ``site_sensitivity`` on the local sample.
+
+    Raises:
+        ConfigError: The sample has too few pneumonia images to show that sensitivity (see
+            :func:`pneumo.metrics.positives_needed`).
+    """
+    positives = int(predicted.labels.sum())
+    needed = metrics.positives_needed(config.site_sensitivity)
+    if positives < needed:
+        raise ConfigError(
+            f"site calibration refused: the '{config.split}' sample has {positives} pneumonia images, but at least "
+            f"{needed} are needed to show sensitivity >= {config.site_sensitivity} at 95% confidence (even "
+            "catching every one of them); add labelled pneumonia images or lower site_sensitivity"
+        )
+    return metrics.threshold_for_sensitivity(predicted.labels, predicted.probabilities, config.site_sensitivity)
+
+
+def _register_site_version(
+    trained: TrainedModel, predicted: Predictions, threshold: float, config: EvalConfig, manifest: Manifest
+) -> None:
+    """Log the site-calibrated metrics and register the model again with the site threshold."""
+    intervals = _log_intervals(predicted, threshold, "site", max(config.bootstrap, 1000))
+    tracking.log_metrics({"site_threshold": threshold})
+    details = {
+        "threshold": threshold,
+        "target_sensitivity": config.site_sensitivity,
+        "sample": f"split '{config.split}' of manifest {manifest.digest} in {manifest.data_dir}",
+        "n_images": int(len(predicted.labels)),
+        "n_pneumonia": int(predicted.labels.sum()),
+        "source_model": trained.uri,
+        "source_threshold": trained.threshold,
+        "intervals": {metric: dict(zip(("estimate", "low", "high"), v)) for metric, v in intervals.items()},
+    }
+    example = manifest.data_dir / predicted.images.frame["path"].iloc[0]
+    registry.register_site_version(trained, config.registered_name, config.site_alias, details, example)
 
 
 def _training_overlap(run_id: str | None, frame: pd.DataFrame) -> int | None:
@@ -266,11 +363,13 @@ def error_gallery(
         log.warning("error gallery without heatmaps: %s", error)
         unavailable, subtitle, heatmaps = str(error), f"no heatmaps: {error}", [None] * len(picked)
     heatmap_of = dict(zip(picked.tolist(), heatmaps))
+    # Shown larger and in grey, but cropped and equalised as the model saw it, so heatmaps line up.
+    gallery_spec = dataclasses.replace(trained.input_spec, image_size=_GALLERY_SIDE, channels=1)
     paths = predicted.images.frame["path"]
     tiles = {
         kind: [
             plots.GalleryImage(
-                decode_file(str(data_dir / paths.iloc[i]), _GALLERY_SIDE, 1)[..., 0],
+                decode_file(str(data_dir / paths.iloc[i]), gallery_spec)[..., 0],
                 heatmap_of[i],
                 f"{Path(paths.iloc[i]).name[:26]}\n{kind[:-1]}: p={predicted.probabilities[i]:.3f}",
             )

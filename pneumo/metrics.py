@@ -7,6 +7,8 @@ them is drawn by :mod:`pneumo.plots` from these numbers.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import (
     average_precision_score,
@@ -124,3 +126,91 @@ def confident_errors(
         false_negatives[np.argsort(probabilities[false_negatives], kind="stable")][:count],
         false_positives[np.argsort(-probabilities[false_positives], kind="stable")][:count],
     )
+
+
+INTERVAL_METRICS = ("roc_auc", "sensitivity", "specificity")
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float,
+    groups: np.ndarray,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float, float]]:
+    """Patient-grouped bootstrap intervals of ROC AUC, sensitivity and specificity.
+
+    Images of one patient are correlated, so whole patients are resampled with replacement (a
+    cluster bootstrap); resampling images would understate the spread. Each resample is a vector
+    of patient multiplicities applied as weights, which equals duplicating the patients' images.
+
+    Args:
+        labels: True labels (1 = pneumonia).
+        probabilities: Predicted probabilities of pneumonia.
+        threshold: Operating threshold for sensitivity and specificity.
+        groups: Patient id of each image.
+        n_resamples: Bootstrap resamples.
+        confidence: Two-sided coverage of the percentile interval.
+        seed: Seed of the resampling.
+
+    Returns:
+        ``{metric: (point estimate, lower bound, upper bound)}`` for :data:`INTERVAL_METRICS`;
+        bounds are NaN where a metric is undefined (e.g. no positives).
+    """
+    labels = np.asarray(labels).astype(int)
+    probabilities = np.asarray(probabilities, dtype=float)
+    _, patient = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    n_patients = patient.max() + 1 if len(patient) else 0
+    predicted = probabilities >= threshold
+    per_patient = {
+        name: np.bincount(patient, weights=mask.astype(float), minlength=n_patients)
+        for name, mask in {
+            "tp": predicted & (labels == 1),
+            "pos": labels == 1,
+            "tn": ~predicted & (labels == 0),
+            "neg": labels == 0,
+        }.items()
+    }
+    both_classes = per_patient["pos"].sum() > 0 and per_patient["neg"].sum() > 0
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_patients, np.full(n_patients, 1.0 / max(n_patients, 1)), size=n_resamples)
+    samples: dict[str, list[float]] = {name: [] for name in INTERVAL_METRICS}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        samples["sensitivity"] = (weights @ per_patient["tp"]) / (weights @ per_patient["pos"])
+        samples["specificity"] = (weights @ per_patient["tn"]) / (weights @ per_patient["neg"])
+    auc = np.full(n_resamples, np.nan)
+    if both_classes:
+        for i, row in enumerate(weights):
+            image_weights = row[patient]
+            kept = image_weights > 0
+            if len(np.unique(labels[kept])) == 2:
+                auc[i] = roc_auc_score(labels[kept], probabilities[kept], sample_weight=image_weights[kept])
+    samples["roc_auc"] = auc
+    point = {
+        "roc_auc": float(roc_auc_score(labels, probabilities)) if both_classes else math.nan,
+        "sensitivity": float(predicted[labels == 1].mean()) if (labels == 1).any() else math.nan,
+        "specificity": float((~predicted[labels == 0]).mean()) if (labels == 0).any() else math.nan,
+    }
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    intervals = {}
+    for name in INTERVAL_METRICS:
+        values = np.asarray(samples[name], dtype=float)
+        values = values[np.isfinite(values)]
+        low, high = np.percentile(values, [tail, 100.0 - tail]) if len(values) else (math.nan, math.nan)
+        intervals[name] = (point[name], float(low), float(high))
+    return intervals
+
+
+def positives_needed(target_sensitivity: float, confidence: float = 0.95) -> int:
+    """Fewest positives for which catching every one demonstrates ``target_sensitivity``.
+
+    With ``n`` positives all detected, the exact one-sided lower confidence bound of the
+    sensitivity is ``(1 - confidence) ** (1 / n)``; it reaches the target only from
+    ``n = ceil(log(1 - confidence) / log(target))`` on (the "rule of three": about
+    ``3 / (1 - target)`` at 95%). With fewer, no threshold on that sample can show the target.
+    """
+    if not 0.0 < target_sensitivity < 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1), got {target_sensitivity}")
+    return math.ceil(math.log(1.0 - confidence) / math.log(target_sensitivity))

@@ -22,10 +22,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import Model, ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from pneumo.config import json_text
 from pneumo.errors import ConfigError
+from pneumo.preprocessing import InputSpec
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "keras_model"
@@ -33,6 +34,8 @@ CONFIG_ARTIFACT = "model_config"
 OUTPUT_COLUMNS = ("label", "probability", "threshold")
 INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN)])
 OUTPUT_SCHEMA = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")])
+# Request parameters: {"params": {"tta": true}} averages over the fixed test-time views.
+PARAMS_SCHEMA = ParamSchema([ParamSpec("tta", "boolean", False)])
 # Packages the served model imports, pinned to the versions it was trained with; only the
 # installed TensorFlow distribution (GPU "tensorflow" or "tensorflow-cpu") is pinned.
 _REQUIREMENTS = (
@@ -69,10 +72,21 @@ def encode_file(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def predict_probabilities(model, images: np.ndarray) -> np.ndarray:
-    """Probabilities of pneumonia for uint8 images, in chunks, without augmentation."""
+def predict_probabilities(model, images: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Probabilities of pneumonia for uint8 images, in chunks.
+
+    Args:
+        model: The Keras model.
+        images: ``(n, side, side, channels)`` ``uint8`` batch.
+        tta: Average over the fixed test-time views of :func:`pneumo.augmentation.tta_views`
+            (7 forward passes per image) instead of the image alone.
+    """
     if len(images) == 0:
         return np.zeros(0, np.float64)
+    if tta:
+        from pneumo.augmentation import tta_views  # TensorFlow: only when asked for
+
+        return np.mean([predict_probabilities(model, view) for view in tta_views(images)], axis=0)
     outputs = [
         np.asarray(model(images[i : i + _CHUNK].astype(np.float32), training=False)).reshape(-1)
         for i in range(0, len(images), _CHUNK)
@@ -101,6 +115,10 @@ class TrainedModel:
     @property
     def threshold(self) -> float:
         return float(self.config["threshold"])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_model_config(self.config)
 
 
 def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedModel:
@@ -166,7 +184,7 @@ def log_model(keras_path: str | Path, model_config: dict, example_file: str | Pa
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={MODEL_ARTIFACT: str(keras_path), CONFIG_ARTIFACT: str(config_path)},
             code_paths=[str(Path(__file__).resolve().parent)],
-            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
+            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=PARAMS_SCHEMA),
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_file(example_file)]}),
             pip_requirements=pip_requirements(),
         )

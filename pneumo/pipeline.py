@@ -20,7 +20,7 @@ import pandas as pd
 import tensorflow as tf
 from imblearn.over_sampling import RandomOverSampler
 
-from pneumo.preprocessing import decode_file
+from pneumo.preprocessing import InputSpec, decode_file
 
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
@@ -37,13 +37,13 @@ class ImageSet:
     frame: pd.DataFrame  # manifest rows, aligned with images
 
 
-def _decode_all(paths: list[str], image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def _decode_all(paths: list[str], spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
     """Decode files in a parallel tf.data map; return images and a per-file success flag."""
-    shape = (image_size, image_size, channels)
+    shape = (spec.image_size, spec.image_size, spec.channels)
 
     def decode(path: bytes) -> tuple[np.ndarray, bool]:
         try:
-            return decode_file(path.decode(), image_size, channels), True
+            return decode_file(path.decode(), spec), True
         except Exception as error:  # reported and skipped, never fatal
             log.warning("skipping %s: %s", path.decode(), error)
             return np.zeros(shape, np.uint8), False
@@ -63,28 +63,25 @@ def _decode_all(paths: list[str], image_size: int, channels: int) -> tuple[np.nd
     return images, ok
 
 
-def load_split(frame: pd.DataFrame, data_dir: Path, image_size: int, channels: int, cache_dir: str = "") -> ImageSet:
+def load_split(frame: pd.DataFrame, data_dir: Path, spec: InputSpec, cache_dir: str = "") -> ImageSet:
     """Decode the images of manifest rows, from the disk cache when it holds them.
 
     Args:
         frame: Manifest rows (see :mod:`pneumo.data`).
         data_dir: Folder the manifest paths are relative to.
-        image_size: Side of the model input.
-        channels: 1 or 3.
-        cache_dir: Folder for ``.npz`` caches keyed by content hashes and shape; empty = none.
+        spec: How the files become model inputs (size, channels, crop, equalisation).
+        cache_dir: Folder for ``.npz`` caches keyed by content hashes and the spec; empty = none.
 
     Returns:
         The decoded set. Files that fail to decode are logged and left out.
     """
-    key = hashlib.sha256(
-        "|".join([_DECODER_VERSION, str(image_size), str(channels), *frame["sha256"]]).encode()
-    ).hexdigest()[:24]
+    key = hashlib.sha256("|".join([_DECODER_VERSION, repr(spec), *frame["sha256"]]).encode()).hexdigest()[:24]
     cache = Path(cache_dir) / f"images-{key}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
             images, ok = stored["images"], stored["ok"]
     else:
-        images, ok = _decode_all([str(data_dir / p) for p in frame["path"]], image_size, channels)
+        images, ok = _decode_all([str(data_dir / p) for p in frame["path"]], spec)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             partial = cache.with_suffix(".tmp.npz")

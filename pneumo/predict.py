@@ -69,7 +69,7 @@ def predict_files(files: list[Path], model_uri: str, batch_size: int = 64) -> pd
         images, errors = [], []
         for path in chunk:
             try:
-                images.append(decode_file(str(path), trained.image_size, trained.channels))
+                images.append(decode_file(str(path), trained.input_spec))
                 errors.append("")
             except (ImageError, OSError) as error:
                 errors.append(str(error))

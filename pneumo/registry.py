@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import mlflow
@@ -175,3 +177,56 @@ def _register_version(
         champion_version=str(champion.version) if champion is not None else None,
         champion_val_roc_auc=None if champion_auc is None else float(champion_auc),
     )
+
+
+def register_site_version(trained: TrainedModel, name: str, alias: str, details: dict, example_file: Path) -> str:
+    """Register the evaluated model again, carrying a site's own threshold, under ``alias``.
+
+    The Keras weights are the evaluated model's; only ``threshold`` in ``model_config.json`` (and a
+    ``site_calibration`` record) differ. The model is logged to the active (evaluation) run and
+    registered as a new version, so the evaluated version and its aliases stay untouched.
+
+    Args:
+        trained: The evaluated model.
+        name: Registered model name.
+        alias: Alias for the new version (e.g. ``site``).
+        details: The calibration: ``threshold``, target, sample, counts and intervals.
+        example_file: An image file for the logged input example.
+
+    Returns:
+        The new version number.
+    """
+    config = {**trained.config, "threshold": float(details["threshold"]), "site_calibration": details}
+    with tempfile.TemporaryDirectory() as folder:
+        keras_path = Path(folder) / "model.keras"
+        trained.model.save(keras_path)
+        info = model_io.log_model(keras_path, config, example_file, name="site_model")
+    version = mlflow.register_model(
+        info.model_uri,
+        name,
+        tags={
+            "pneumo.site_threshold": f"{details['threshold']:.6f}",
+            "pneumo.site_target_sensitivity": str(details["target_sensitivity"]),
+            "pneumo.calibrated_from": trained.uri,
+            "evaluation_run_id": mlflow.active_run().info.run_id,
+        },
+    )
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, version.version)
+    client.update_model_version(
+        name,
+        version.version,
+        description=(
+            f"{alias}: {trained.uri} with the threshold {details['threshold']:.4f} chosen for sensitivity "
+            f">= {details['target_sensitivity']} on {details['sample']} ({details['n_pneumonia']} pneumonia "
+            f"of {details['n_images']} images)."
+        ),
+    )
+    mlflow.set_tags({"pneumo.site_version": str(version.version), "pneumo.site_alias": alias})
+    tracking.log_json(
+        {**details, "registered_name": name, "version": str(version.version), "alias": alias}, "site_calibration.json"
+    )
+    log.info(
+        "registered %s version %s as %s with site threshold %.4f", name, version.version, alias, details["threshold"]
+    )
+    return str(version.version)

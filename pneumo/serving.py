@@ -31,7 +31,7 @@ from pneumo.model_io import (
     load_keras_model,
     predict_probabilities,
 )
-from pneumo.preprocessing import ImageError, decode_image
+from pneumo.preprocessing import ImageError, InputSpec, decode_image
 
 # Bad rows listed in one error message; a client sending thousands of bad rows needs only a sample.
 _MAX_LISTED_ERRORS = 10
@@ -42,7 +42,7 @@ def bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def decode_base64_image(value: Any, image_size: int, channels: int) -> np.ndarray:
+def decode_base64_image(value: Any, spec: InputSpec) -> np.ndarray:
     """Turn one ``image`` cell (base64 text of a JPEG/PNG/DICOM file) into a model input.
 
     Raises:
@@ -66,7 +66,7 @@ def decode_base64_image(value: Any, image_size: int, channels: int) -> np.ndarra
         payload = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ImageError(f"'{IMAGE_COLUMN}' is not valid base64 ({error})") from error
-    return decode_image(payload, image_size, channels)
+    return decode_image(payload, spec)
 
 
 def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
@@ -98,7 +98,9 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's model context (unused; artifacts are read in ``load_context``).
             model_input: One row per image, base64 file bytes in column ``image``.
-            params: Unused; the threshold is the one chosen on validation at training time.
+            params: ``tta`` (bool): average the probability over the fixed test-time views
+                (:data:`pneumo.augmentation.TTA_VIEWS`, 7 forward passes per image). The threshold
+                is always the one chosen on validation at training time.
 
         Returns:
             ``label``, ``probability`` (of pneumonia) and ``threshold`` per row.
@@ -114,12 +116,12 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
                 f"missing column '{IMAGE_COLUMN}' (got {list(map(str, model_input.columns))}); "
                 f"send base64-encoded image files in a column named '{IMAGE_COLUMN}'"
             )
-        size, channels = int(self.config["image_size"]), int(self.config["channels"])
+        spec = InputSpec.from_model_config(self.config)
         images, errors = [], []
         # Every row is decoded before any compute is spent, so one response lists all bad rows.
         for row, value in enumerate(model_input[IMAGE_COLUMN]):
             try:
-                images.append(decode_base64_image(value, size, channels))
+                images.append(decode_base64_image(value, spec))
             except ImageError as error:
                 errors.append(f"row {row}: {error}")
         if errors:
@@ -129,5 +131,7 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
                 f"{len(errors)} of {len(model_input)} row(s) are not usable images, nothing was predicted: "
                 f"{listed}{more}"
             )
-        batch = np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
-        return label_frame(predict_probabilities(self.model, batch), float(self.config["threshold"]))
+        side = spec.image_size
+        batch = np.stack(images) if images else np.zeros((0, side, side, spec.channels), np.uint8)
+        tta = bool((params or {}).get("tta", False))
+        return label_frame(predict_probabilities(self.model, batch, tta), float(self.config["threshold"]))

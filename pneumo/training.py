@@ -59,22 +59,25 @@ def make_optimizer(
         rate = keras.optimizers.schedules.CosineDecay(
             rate, decay_steps=max(1, steps_per_epoch * config.epochs), alpha=0.05
         )
+    ema = {"use_ema": config.ema, "ema_momentum": 0.99}
     optimizers = {
-        "adam": lambda: keras.optimizers.Adam(rate),
-        "adamw": lambda: keras.optimizers.AdamW(rate, weight_decay=1e-4),
-        "rmsprop": lambda: keras.optimizers.RMSprop(rate),
-        "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
+        "adam": lambda: keras.optimizers.Adam(rate, **ema),
+        "adamw": lambda: keras.optimizers.AdamW(rate, weight_decay=1e-4, **ema),
+        "rmsprop": lambda: keras.optimizers.RMSprop(rate, **ema),
+        "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, **ema),
     }
     if config.optimizer not in optimizers:
         raise ValueError(f"optimizer must be one of {sorted(optimizers)}, got {config.optimizer!r}")
     return optimizers[config.optimizer]()
 
 
-def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> keras.Model:
+def compile_model(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, label_smoothing: float = 0.0
+) -> keras.Model:
     """Compile for binary classification with accuracy, ROC AUC, precision and recall."""
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),
             keras.metrics.AUC(name="auc", num_thresholds=500),
@@ -133,9 +136,12 @@ def fit(
     train_ds, steps = pipeline.train_dataset(
         train_set, config.batch_size, config.epochs, seed, config.balance == "oversample", augmenter
     )
-    compile_model(model, make_optimizer(config, steps))
+    compile_model(model, make_optimizer(config, steps), config.label_smoothing)
     mode = "max" if HIGHER_IS_BETTER[config.monitor] else "min"
+    # With EMA the averaged weights are swapped in before validation and the epoch-end callbacks,
+    # so early stopping, the checkpoint and the logged model all see the averaged weights.
     callbacks = [
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []),
         keras.callbacks.EarlyStopping(config.monitor, mode=mode, patience=config.patience, restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=config.monitor, mode=mode, save_best_only=True),
         MlflowEpochLogger(step_offset),
@@ -166,6 +172,8 @@ def fit(
     )
     if not checkpoint.is_file():  # no epoch improved on the first: keep the final weights
         model.save(checkpoint)
+    elif config.ema:  # fit() ends by writing the *last* average into the model: take the best one
+        model.load_weights(checkpoint)
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
@@ -201,9 +209,7 @@ def load_training_data(config: DataConfig) -> TrainingData:
     manifest = tracking.resolve_manifest(config)
     tracking.log_manifest(manifest, context="training")
     train, val = (
-        pipeline.load_split(
-            manifest.split(split), manifest.data_dir, config.image_size, config.channels, config.cache_dir
-        )
+        pipeline.load_split(manifest.split(split), manifest.data_dir, config.input_spec, config.cache_dir)
         for split in ("train", "val")
     )
     tracking.log_metrics({"n_train_images": len(train.labels), "n_val_images": len(val.labels)})
@@ -254,6 +260,8 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
         "entry_point": configs.entry_point,
         "image_size": configs.data.image_size,
         "channels": configs.data.channels,
+        "crop": configs.data.crop,
+        "equalize": configs.data.equalize,
         "threshold": threshold,
         "class_names": list(CLASS_NAMES),
         "val_metrics": result.val_metrics,

@@ -18,6 +18,7 @@ from pneumo.config import CVConfig, DataConfig, TrainConfig
 from pneumo.cv import SCORING, BinaryKerasClassifier, cv_arrays, fold_splits, make_estimator
 from pneumo.data import discover
 from pneumo.errors import DataError
+from pneumo.preprocessing import InputSpec
 
 DATA = DataConfig(image_size=24, channels=3, seed=11)
 TRAIN = TrainConfig(batch_size=16, epochs=3, optimizer="rmsprop", cosine_decay=False, precision="float32")
@@ -36,7 +37,7 @@ def float32_policy():
 def arrays(small_data):
     """Real images (about 60 per class), labels and patient ids, as the cv entry point sees them."""
     frame = discover(small_data).images
-    return cv_arrays(pipeline.load_split(frame, small_data, DATA.image_size, DATA.channels))
+    return cv_arrays(pipeline.load_split(frame, small_data, InputSpec(DATA.image_size, DATA.channels)))
 
 
 def test_plain_scikeras_is_not_a_classifier_for_this_scikit_learn():

@@ -26,7 +26,7 @@ from pneumo.data import (
     split_frame,
 )
 from pneumo.errors import DataError
-from pneumo.preprocessing import decode_file
+from pneumo.preprocessing import InputSpec, decode_file
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_discover_lists_every_reject_with_its_reason_and_keeps_every_good_image(
         assert row["sha256"] == hashlib.sha256((messy_layout / path).read_bytes()).hexdigest()
     # Every good image decodes through the training/serving path.
     for path in images.index:
-        assert decode_file(str(messy_layout / path), 32, 1).shape == (32, 32, 1)
+        assert decode_file(str(messy_layout / path), InputSpec(32, 1)).shape == (32, 32, 1)
 
 
 def test_discover_on_an_empty_layout_rejects_nothing_and_the_manifest_refuses(tmp_path):

@@ -15,6 +15,7 @@ from helpers import cached_set
 from pneumo import CLASS_NAMES, pipeline
 from pneumo.cv import cv_arrays
 from pneumo.data import build_manifest, discover
+from pneumo.preprocessing import InputSpec
 
 SIZE, CHANNELS = 32, 3
 
@@ -29,7 +30,7 @@ def contract(tmp_path_factory):
     """Real images of both classes, their manifest, decoded set, and a pixel-digest -> class map."""
     root = make_subset(tmp_path_factory.mktemp("contract"), 8, offset=200)
     manifest = build_manifest(discover(root).images, 0.3, 1)
-    images = pipeline.load_split(manifest, root, SIZE, CHANNELS)
+    images = pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS))
     truth = [_folder_label(root, p) for p in images.frame["path"]]
     by_pixels: dict[str, set[int]] = {}
     for image, label in zip(images.images, truth):
@@ -134,14 +135,14 @@ def test_train_dataset_refuses_a_batch_larger_than_the_data(contract):
 def test_decoded_images_are_cached_by_content_and_shape(contract, tmp_path):
     root, manifest, images, _, _ = contract
     cache = tmp_path / "cache"
-    first = pipeline.load_split(manifest, root, SIZE, CHANNELS, str(cache))
+    first = pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS), str(cache))
     assert len(list(cache.glob("images-*.npz"))) == 1
     np.testing.assert_array_equal(first.images, images.images)
     # Served from the cache: the data folder is not even needed any more.
-    again = pipeline.load_split(manifest, tmp_path / "no-such-folder", SIZE, CHANNELS, str(cache))
+    again = pipeline.load_split(manifest, tmp_path / "no-such-folder", InputSpec(SIZE, CHANNELS), str(cache))
     np.testing.assert_array_equal(again.images, images.images)
     np.testing.assert_array_equal(again.labels, images.labels)
-    pipeline.load_split(manifest, root, SIZE, 1, str(cache))
+    pipeline.load_split(manifest, root, InputSpec(SIZE, 1), str(cache))
     assert len(list(cache.glob("images-*.npz"))) == 2, "another shape must not reuse the cache"
 
 
@@ -155,7 +156,7 @@ def test_undecodable_rows_are_skipped_and_labels_stay_aligned(contract, tmp_path
     bad = rows.iloc[[0]].assign(path=str(broken / "person9_virus_9.jpeg"), label=1, sha256="0" * 64)
     frame = pd.concat([rows.iloc[:2], bad, rows.iloc[2:]], ignore_index=True)
     with caplog.at_level(logging.WARNING, logger="pneumo.pipeline"):
-        result = pipeline.load_split(frame, Path("/"), SIZE, CHANNELS)
+        result = pipeline.load_split(frame, Path("/"), InputSpec(SIZE, CHANNELS))
     assert "could not be decoded" in caplog.text
     assert result.frame["path"].tolist() == rows["path"].tolist()
     assert result.labels.tolist() == rows["label"].tolist()

@@ -13,7 +13,7 @@ from PIL import Image, ImageFile
 
 import xray_files as xf
 from conftest import SHARED_DATA
-from pneumo.preprocessing import MAX_PIXELS, ImageError, decode_image
+from pneumo.preprocessing import MAX_PIXELS, ImageError, InputSpec, decode_image
 from pneumo.serving import decode_base64_image
 
 SIZE = 64
@@ -31,13 +31,13 @@ def gray(xray_path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(gray) -> np.ndarray:
-    return decode_image(xf.reference_png(gray), SIZE, 1).astype(int)
+    return decode_image(xf.reference_png(gray), InputSpec(SIZE, 1)).astype(int)
 
 
 def test_real_jpeg_gives_uint8_arrays_of_the_requested_shape(xray_path):
     data = xray_path.read_bytes()
-    gray = decode_image(data, SIZE, 1)
-    rgb = decode_image(data, 96, 3)
+    gray = decode_image(data, InputSpec(SIZE, 1))
+    rgb = decode_image(data, InputSpec(96, 3))
     assert gray.shape == (SIZE, SIZE, 1) and gray.dtype == np.uint8
     assert rgb.shape == (96, 96, 3) and rgb.dtype == np.uint8
     assert gray.std() > 20  # a radiograph, not a blank
@@ -69,7 +69,7 @@ def test_real_jpeg_gives_uint8_arrays_of_the_requested_shape(xray_path):
     ],
 )
 def test_accepted_formats_decode_to_the_same_picture(gray, reference, variant, tolerance):
-    decoded = decode_image(variant(gray), SIZE, 1).astype(int)
+    decoded = decode_image(variant(gray), InputSpec(SIZE, 1)).astype(int)
     assert decoded.shape == reference.shape
     assert np.abs(decoded - reference).max() <= tolerance
     assert np.abs(decoded - reference).mean() <= max(tolerance / 4, 0.0)
@@ -77,7 +77,7 @@ def test_accepted_formats_decode_to_the_same_picture(gray, reference, variant, t
 
 def test_monochrome1_is_inverted(gray, reference):
     # Without the inversion, bone would be dark: the result would anti-correlate with the picture.
-    decoded = decode_image(xf.dicom(gray, "MONOCHROME1"), SIZE, 1).astype(float).ravel()
+    decoded = decode_image(xf.dicom(gray, "MONOCHROME1"), InputSpec(SIZE, 1)).astype(float).ravel()
     assert np.corrcoef(decoded, reference.ravel())[0, 1] > 0.999
 
 
@@ -87,9 +87,9 @@ def test_dicom_voi_window_is_applied(gray):
     # DICOM PS3.3 C.11.2.1.2.1 linear window, then the decoder's stretch of the output to 0..255.
     expected = np.clip((stored - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
     expected = np.round((expected - expected.min()) * 255 / (expected.max() - expected.min())).astype(np.uint8)
-    windowed = decode_image(xf.dicom(gray, window=(center, width)), SIZE, 1).astype(int)
-    unwindowed = decode_image(xf.dicom(gray), SIZE, 1).astype(int)
-    assert np.abs(windowed - decode_image(xf.reference_png(expected), SIZE, 1).astype(int)).max() <= 2
+    windowed = decode_image(xf.dicom(gray, window=(center, width)), InputSpec(SIZE, 1)).astype(int)
+    unwindowed = decode_image(xf.dicom(gray), InputSpec(SIZE, 1)).astype(int)
+    assert np.abs(windowed - decode_image(xf.reference_png(expected), InputSpec(SIZE, 1)).astype(int)).max() <= 2
     assert np.abs(windowed - unwindowed).mean() > 20  # the window really changed the picture
 
 
@@ -97,10 +97,10 @@ def test_transparent_areas_become_black(gray):
     # A white image whose left half is fully transparent: black there, exactly white elsewhere.
     rgba = np.full((40, 40, 4), 255, np.uint8)
     rgba[:, :20, 3] = 0
-    array = decode_image(xf.encode(Image.fromarray(rgba, "RGBA"), "PNG"), 40, 1)[..., 0]
+    array = decode_image(xf.encode(Image.fromarray(rgba, "RGBA"), "PNG"), InputSpec(40, 1))[..., 0]
     assert array[:, :18].max() == 0 and array[:, 22:].min() == 255
     # A real X-ray whose top half is transparent: black there, the picture below keeps its detail.
-    decoded = decode_image(xf.rgba_png(gray, transparent_rows=gray.shape[0] // 2), SIZE, 1)
+    decoded = decode_image(xf.rgba_png(gray, transparent_rows=gray.shape[0] // 2), InputSpec(SIZE, 1))
     assert decoded[: SIZE // 2 - 1].max() == 0
     assert decoded[SIZE // 2 + 1 :].std() > 20
 
@@ -112,7 +112,7 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 3  # rotate 180 degrees for display
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
-    decoded = decode_image(buffer.getvalue(), 32, 1)[..., 0].astype(int)
+    decoded = decode_image(buffer.getvalue(), InputSpec(32, 1))[..., 0].astype(int)
     assert decoded[24:].mean() > 200 and decoded[:8].mean() < 50
 
 
@@ -150,7 +150,7 @@ def test_exif_orientation_is_applied():
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bad_bytes_raise_image_error_naming_the_problem(xray_path, make, message):
     with pytest.raises(ImageError, match=message):
-        decode_image(make(xray_path), SIZE, 1)
+        decode_image(make(xray_path), InputSpec(SIZE, 1))
 
 
 def _truncated(data: bytes) -> bytes:
@@ -167,13 +167,13 @@ def test_decompression_bomb_is_refused_before_decoding(side, monkeypatch):
     loads = []
     original = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: loads.append(image) or original(image))
-    decode_image(xf.tiny_png(64), SIZE, 1)
+    decode_image(xf.tiny_png(64), InputSpec(SIZE, 1))
     assert loads, "the probe must see an ordinary decode"
     loads.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no allocation warning either: the pixels are never touched
         with pytest.raises(ImageError, match="too large|over the"):
-            decode_image(data, SIZE, 1)
+            decode_image(data, InputSpec(SIZE, 1))
     assert not loads, "the bomb's pixels were decoded"
 
 
@@ -198,7 +198,7 @@ def test_samples_really_have_their_modes(sample_bytes):
 @pytest.mark.parametrize("name", sorted(xf.SAMPLES))
 @pytest.mark.parametrize("image_size,channels", [(64, 3), (48, 1), (224, 1)])
 def test_decode_image_shape_and_dtype_for_every_mode(sample_bytes, name, image_size, channels):
-    array = decode_image(sample_bytes[name], image_size, channels)
+    array = decode_image(sample_bytes[name], InputSpec(image_size, channels))
     assert array.shape == (image_size, image_size, channels)
     assert array.dtype == np.uint8
     assert array.max() > array.min(), "noise must survive decoding"
@@ -207,7 +207,7 @@ def test_decode_image_shape_and_dtype_for_every_mode(sample_bytes, name, image_s
 def test_sixteen_bit_png_is_stretched_to_the_full_8_bit_range():
     # A 12-bit detector image stored in 16 bits: cutting to the low byte would garble it.
     ramp = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (64, 1))
-    array = decode_image(xf.encode(Image.fromarray(ramp), "PNG"), 64, 1)[..., 0]
+    array = decode_image(xf.encode(Image.fromarray(ramp), "PNG"), InputSpec(64, 1))[..., 0]
     assert array.min() == 0 and array.max() == 255
     assert np.all(np.diff(array.astype(int), axis=1) >= 0), "intensity order must be kept"
 
@@ -215,7 +215,7 @@ def test_sixteen_bit_png_is_stretched_to_the_full_8_bit_range():
 def test_grayscale_and_rgb_decodes_agree_on_a_gray_image():
     gray = xf.noise(64, 64)
     data = xf.encode(Image.fromarray(gray, "L"), "PNG")
-    one, three = decode_image(data, 64, 1), decode_image(data, 64, 3)
+    one, three = decode_image(data, InputSpec(64, 1)), decode_image(data, InputSpec(64, 3))
     np.testing.assert_array_equal(one[..., 0], gray)
     np.testing.assert_array_equal(three, np.repeat(one, 3, axis=-1))
 
@@ -230,15 +230,15 @@ def test_dicom_with_huge_dimensions_is_refused_before_its_pixels(gray):
         at = data.index(tag) + len(tag)
         data[at : at + 2] = (65535).to_bytes(2, "little")
     with pytest.raises(ImageError, match="65535x65535 pixels, over the"):
-        decode_image(bytes(data), SIZE, 1)
+        decode_image(bytes(data), InputSpec(SIZE, 1))
 
 
 def test_cell_decoder_accepts_wrapped_base64_and_data_urls(xray_path):
     text = base64.b64encode(xray_path.read_bytes()).decode()
-    expected = decode_image(xray_path.read_bytes(), SIZE, 1)
+    expected = decode_image(xray_path.read_bytes(), InputSpec(SIZE, 1))
     wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # `base64` tool output
     for cell in (text, wrapped, "data:image/jpeg;base64," + text, text.encode()):
-        assert np.array_equal(decode_base64_image(cell, SIZE, 1), expected)
+        assert np.array_equal(decode_base64_image(cell, InputSpec(SIZE, 1)), expected)
 
 
 @pytest.mark.parametrize(
@@ -255,4 +255,4 @@ def test_cell_decoder_accepts_wrapped_base64_and_data_urls(xray_path):
 )
 def test_cell_decoder_refuses_bad_cells(cell, message):
     with pytest.raises(ImageError, match=message):
-        decode_base64_image(cell, SIZE, 1)
+        decode_base64_image(cell, InputSpec(SIZE, 1))

@@ -83,7 +83,7 @@ def main() -> None:
     print("| variant | seeds | " + " | ".join(COLUMNS) + " | wall s |")
     print("|---" * (len(COLUMNS) + 3) + "|")
     for name, rows in groups.items():
-        cells = [summary([r.get(column, np.nan) for r in rows]) for column in COLUMNS]
+        cells = [summary([r.get(c, np.nan) for r in rows], 4 if c.endswith("auc") else 3) for c in COLUMNS]
         wall = f"{np.mean(walls[name]):.0f}" if name in walls else ""
         print(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {wall} |")
     if args.detail:
@@ -126,13 +126,13 @@ def detail(out: Path, records: list[dict], variant: str, data_dir: Path) -> None
         )
 
 
-def summary(values: list[float]) -> str:
+def summary(values: list[float], digits: int = 3) -> str:
     """``mean ± sd`` over seeds (sample standard deviation), or a dash when undefined."""
     values = np.asarray(values, dtype=float)
     if np.isnan(values).all():
         return "–"
     spread = np.nanstd(values, ddof=1) if np.isfinite(values).sum() > 1 else 0.0
-    return f"{np.nanmean(values):.3f} ± {spread:.3f}"
+    return f"{np.nanmean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
 if __name__ == "__main__":

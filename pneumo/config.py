@@ -73,8 +73,9 @@ class DataConfig(_Checked):
     # shortcuts that do not transfer between hospitals.
     crop: float = 0.0
     # Intensity equalisation after resizing: "none", "hist" (global histogram equalisation) or
-    # "clahe" (contrast-limited adaptive histogram equalisation); evens out detector response.
-    equalize: Equalizer = "none"
+    # "clahe" (contrast-limited adaptive histogram equalisation): evens out detector response
+    # between hospitals (see README, Generalisation).
+    equalize: Equalizer = "clahe"
     # Folder for the decoded-image cache (.npz per manifest and input spec); empty = no disk cache.
     cache_dir: str = "outputs/cache"
     # Seed for the split, the sampling, the augmentation and the weights.
@@ -139,10 +140,11 @@ class TrainConfig(_Checked):
     target_sensitivity: float = 0.97
     # Cosine decay of the learning rate over the planned epochs.
     cosine_decay: bool = True
-    # Label smoothing of the cross-entropy (0 = none): keeps scores off 0 and 1.
-    label_smoothing: float = 0.0
+    # Label smoothing of the cross-entropy (0 = none): keeps scores off 0 and 1, so the threshold
+    # chosen on validation sits where scores are still spread out rather than saturated.
+    label_smoothing: float = 0.1
     # Validate, checkpoint and serve an exponential moving average of the weights (momentum 0.99).
-    ema: bool = False
+    ema: bool = True
 
 
 @dataclass

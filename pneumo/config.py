@@ -193,8 +193,10 @@ class TuneConfig(_Checked):
     # Seconds after which this worker starts no new trial; 0 = no limit.
     timeout: int = 0
     study_name: str = "aug_cnn"
-    # Optuna storage, any SQLAlchemy URL (e.g. postgresql://user:pw@host/db for workers on
-    # several machines; the password is masked in MLflow). Resumed when the study exists.
+    # Optuna storage (resumed when the study exists): a SQLAlchemy URL (sqlite:///file.db for one
+    # worker; postgresql://user:pw@host/db for workers on several machines, the password masked
+    # in MLflow), journal:FILE (several workers on one machine) or grpc://HOST:PORT (Optuna's
+    # storage proxy, python -m pneumo.optuna_proxy).
     storage: str = "sqlite:///outputs/optuna.db"
     # Validation ROC AUC (maximised) or cross-entropy (minimised). Also each trial's early-stopping
     # and checkpoint monitor.

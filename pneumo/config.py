@@ -118,6 +118,9 @@ class TrainConfig(_Checked):
     target_sensitivity: float = 0.97
     # Cosine decay of the learning rate over the planned epochs.
     cosine_decay: bool = True
+    # Several accelerators: "auto" mirrors the model on every visible GPU when there are two or
+    # more (batch_size is then per GPU, the global batch scaled), "mirrored" forces it, "none" never.
+    distribute: Literal["auto", "mirrored", "none"] = "auto"
 
 
 @dataclass

@@ -168,3 +168,12 @@ def test_the_experiment_provider_applies_in_this_project_only(tmp_path, monkeypa
 def test_progress_bars_only_on_a_terminal(capsys):
     assert list(progress(iter(range(5)), 5, "decoding")) == [0, 1, 2, 3, 4]
     assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+
+
+def test_the_served_model_pins_what_it_imports_and_one_tensorflow():
+    from pneumo.model_io import pip_requirements
+
+    names = [line.split("==")[0] for line in pip_requirements()]
+    assert sum(name in ("tensorflow", "tensorflow-cpu") for name in names) == 1
+    assert set(names) - {"tensorflow", "tensorflow-cpu"} == {"keras", "numpy", "pandas", "pillow", "pydicom", "mlflow"}
+    assert all(re.fullmatch(r"[a-z-]+==[\w.]+", line) for line in pip_requirements())

@@ -13,11 +13,8 @@ Kept free of heavy imports: MLflow imports this module whenever it is imported i
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "pneumo"
 # MLflow 3's UI opens an experiment without this tag on the GenAI "Traces" overview.

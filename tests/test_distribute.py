@@ -84,8 +84,9 @@ def test_global_batch_is_per_replica_batch_times_replicas():
 
 @pytest.mark.slow
 def test_mirrored_training_steps_both_replicas_and_matches_one_device(tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("MLFLOW_RUN_ID", None)
+    # A fresh store of its own: no MLFLOW_* variable left by other tests (an experiment id of theirs).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, f"sqlite:///{tmp_path / 'mlflow.db'}"],
         env=env,

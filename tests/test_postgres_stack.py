@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, make_subset
+from conftest import REPO, make_subset, require_real_data
 from helpers import free_port, serve_model
 from pneumo.experiment import DEFAULT_EXPERIMENT, EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from pneumo.model_io import IMAGE_COLUMN
@@ -64,6 +64,7 @@ def stack():
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
+    require_real_data()  # before starting anything
     # Not pytest's tmp_path: its parents are private to root, and PostgreSQL runs as `postgres`.
     folder = Path(tempfile.mkdtemp(prefix="pneumo-stack-"))
     settings = {

@@ -30,6 +30,7 @@ from pneumo.config import (
     parse_configs,
 )
 from pneumo.errors import PneumoError
+from pneumo.experiment import use_default_experiment
 from pneumo.preprocessing import ImageError
 
 # The notebook's settings for its own models: 64x64 RGB, RMSprop, batch 64, up to 50 epochs.
@@ -89,6 +90,8 @@ def main(name: str, argv: list[str] | None = None) -> Any:
         name: A key of :data:`ENTRY_POINTS`.
         argv: Arguments (``None`` = ``sys.argv``).
 
+    Runs land in the experiment ``pneumo`` unless one is chosen (:mod:`pneumo.experiment`).
+
     Returns:
         What the entry point's function returns (usually its MLflow run id).
     """
@@ -97,6 +100,7 @@ def main(name: str, argv: list[str] | None = None) -> Any:
     function = entry_point_function(name)
     description = (function.__doc__ or name).strip().splitlines()[0]
     configs = parse_configs(description, *ENTRY_POINTS[name].configs, defaults=ENTRY_POINTS[name].defaults, argv=argv)
+    use_default_experiment()
     try:
         return function(*configs)
     except (PneumoError, ImageError) as error:  # ImageError, the decoder's, is a ValueError of its own

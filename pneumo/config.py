@@ -145,6 +145,9 @@ class TrainConfig(_Checked):
     label_smoothing: float = 0.1
     # Validate, checkpoint and serve an exponential moving average of the weights (momentum 0.99).
     ema: bool = True
+    # Several accelerators: "auto" mirrors the model on every visible GPU when there are two or
+    # more (batch_size is then per GPU, the global batch scaled), "mirrored" forces it, "none" never.
+    distribute: Literal["auto", "mirrored", "none"] = "auto"
 
 
 @dataclass
@@ -238,8 +241,10 @@ class TuneConfig(_Checked):
     # Seconds after which this worker starts no new trial; 0 = no limit.
     timeout: int = 0
     study_name: str = "aug_cnn"
-    # Optuna storage, any SQLAlchemy URL (e.g. postgresql://user:pw@host/db for workers on
-    # several machines; the password is masked in MLflow). Resumed when the study exists.
+    # Optuna storage (resumed when the study exists): a SQLAlchemy URL (sqlite:///file.db for one
+    # worker; postgresql://user:pw@host/db for workers on several machines, the password masked
+    # in MLflow), journal:FILE (several workers on one machine) or grpc://HOST:PORT (Optuna's
+    # storage proxy, python -m pneumo.optuna_proxy).
     storage: str = "sqlite:///outputs/optuna.db"
     # Validation ROC AUC (maximised) or cross-entropy (minimised). Also each trial's early-stopping
     # and checkpoint monitor.

@@ -30,10 +30,15 @@ from pneumo import CLASS_NAMES
 from pneumo.config import DataConfig
 from pneumo.errors import DataError
 from pneumo.preprocessing import ImageError, check_dimensions
+from pneumo.progress import progress
 
 log = logging.getLogger(__name__)
 
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
+# Pinned: with a version in the handle kagglehub reads its cache without asking Kaggle for the
+# latest version first, so a second run works offline.
+KAGGLE_VERSION = 2
+KAGGLE_HANDLE = f"{KAGGLE_DATASET}/versions/{KAGGLE_VERSION}"
 MANIFEST_COLUMNS = ["path", "label_name", "label", "patient_id", "split", "sha256", "width", "height", "mode"]
 SPLITS = ("train", "val", "test")
 # File names of a manifest and of the metadata beside it (also their MLflow artifact names).
@@ -93,30 +98,66 @@ def patient_key(frame: pd.DataFrame) -> pd.Series:
     return source.where(source == "test", "train") + "/" + frame["patient_id"].astype(str)
 
 
+def kagglehub_cache_dir() -> Path:
+    """The kagglehub cache folder: ``$KAGGLEHUB_CACHE`` or ``~/.cache/kagglehub``."""
+    return Path(os.environ.get("KAGGLEHUB_CACHE") or Path.home() / ".cache" / "kagglehub").expanduser()
+
+
+def _data_root(root: Path) -> Path | None:
+    """The shallowest folder under ``root`` holding ``train/`` (the archive nests ``chest_xray/`` and a macOS copy)."""
+    for candidate in sorted(root.rglob("train"), key=lambda p: len(p.parts)):
+        if candidate.is_dir() and "__MACOSX" not in candidate.parts:
+            return candidate.parent
+    return None
+
+
+def cached_dataset() -> Path | None:
+    """The pinned dataset version in the kagglehub cache, found without any network access.
+
+    kagglehub marks a finished download with ``datasets/<owner>/<name>/<version>.complete`` beside
+    ``datasets/<owner>/<name>/versions/<version>/``; a folder without the marker is a partial
+    download and is ignored.
+
+    Returns:
+        The cached folder holding ``train/``, or ``None``.
+    """
+    owner, name = KAGGLE_DATASET.split("/")
+    base = kagglehub_cache_dir() / "datasets" / owner / name
+    folder = base / "versions" / str(KAGGLE_VERSION)
+    if not (base / f"{KAGGLE_VERSION}.complete").is_file() or not folder.is_dir():
+        return None
+    return _data_root(folder)
+
+
 def download_dataset() -> Path:
-    """Download the Kaggle dataset with kagglehub and return its folder holding ``train/``.
+    """Download the Kaggle dataset (the pinned version) with kagglehub and return its folder holding ``train/``.
+
+    A copy already in the kagglehub cache is used without any network access.
 
     Raises:
         DataError: kagglehub is missing, the network is unreachable, or the layout is unexpected.
     """
+    cached = cached_dataset()
+    if cached is not None:
+        log.info("using the cached %s in %s", KAGGLE_HANDLE, cached)
+        return cached
     try:
         # Imported here: only a download needs it, and a broken install must end in this DataError.
         import kagglehub
 
-        root = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+        root = Path(kagglehub.dataset_download(KAGGLE_HANDLE))
     except Exception as error:  # kagglehub raises many types (HTTP, connection, auth)
         raise DataError(
-            f"Could not download the Kaggle dataset '{KAGGLE_DATASET}' ({type(error).__name__}: "
+            f"Could not download the Kaggle dataset '{KAGGLE_HANDLE}' ({type(error).__name__}: "
             f"{error}). Supply the data yourself: download it from "
             f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}, unzip it, and pass the folder that "
             "holds train/NORMAL and train/PNEUMONIA as data_dir (e.g. -P data_dir=/path/to/chest_xray), "
             "set PNEUMO_DATA_DIR, or place it at ./data/chest_xray."
         ) from error
-    # The archive nests chest_xray/ (and a macOS copy); pick the first folder holding train/.
-    for candidate in sorted(root.rglob("train"), key=lambda p: len(p.parts)):
-        if candidate.is_dir() and "__MACOSX" not in candidate.parts:
-            return candidate.parent
-    raise DataError(f"downloaded {KAGGLE_DATASET} to {root}, but found no train/ folder in it")
+    found = _data_root(root)
+    if found is None:
+        raise DataError(f"downloaded {KAGGLE_HANDLE} to {root}, but found no train/ folder in it")
+    return found
 
 
 def resolve_data_dir(data_dir: str) -> Path:
@@ -200,7 +241,7 @@ def discover(data_dir: Path, workers: int = 4) -> Discovery:
             if folder.is_dir():
                 entries += [(source_split, label, label_name, p) for p in sorted(folder.iterdir()) if p.is_file()]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda e: _inspect(e[3]), entries))
+        results = list(progress(pool.map(lambda e: _inspect(e[3]), entries), len(entries), "hashing and checking"))
     rows, rejected = [], []
     for (source_split, label, label_name, path), (fields, reason) in zip(entries, results):
         relative = path.relative_to(data_dir).as_posix()

@@ -36,19 +36,16 @@ INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN)])
 OUTPUT_SCHEMA = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")])
 # Request parameters: {"params": {"tta": true}} averages over the fixed test-time views.
 PARAMS_SCHEMA = ParamSchema([ParamSpec("tta", "boolean", False)])
-# Packages the served model imports, pinned to the versions it was trained with; only the
-# installed TensorFlow distribution (GPU "tensorflow" or "tensorflow-cpu") is pinned.
+# Packages the served model imports, pinned to the versions it was trained with; only one
+# TensorFlow distribution, the first installed of these (GPU "tensorflow", else "tensorflow-cpu").
+# Keras imports scikit-learn and matplotlib when they are there, but needs neither.
+_TENSORFLOW = ("tensorflow", "tensorflow-cpu")
 _REQUIREMENTS = (
-    "tensorflow",
-    "tensorflow-cpu",
     "keras",
     "numpy",
     "pandas",
     "pillow",
     "pydicom",
-    "scikit-learn",
-    "imbalanced-learn",
-    "matplotlib",
     "mlflow",
 )
 # Images per forward pass: bounds the float32 activations of one call, whatever the request size.
@@ -156,6 +153,12 @@ def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedMo
 def pip_requirements() -> list[str]:
     """Pinned requirements of the served model, taken from the training environment."""
     pinned = []
+    for name in _TENSORFLOW:
+        try:
+            pinned.append(f"{name}=={version(name)}")
+            break
+        except PackageNotFoundError:
+            continue
     for name in _REQUIREMENTS:
         try:
             pinned.append(f"{name}=={version(name)}")

@@ -21,6 +21,7 @@ import tensorflow as tf
 from imblearn.over_sampling import RandomOverSampler
 
 from pneumo.preprocessing import InputSpec, decode_file
+from pneumo.progress import progress
 
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
@@ -57,7 +58,8 @@ def _decode_all(paths: list[str], spec: InputSpec) -> tuple[np.ndarray, np.ndarr
     dataset = tf.data.Dataset.from_tensor_slices(paths).map(tf_decode, num_parallel_calls=AUTOTUNE)
     images = np.empty((len(paths), *shape), np.uint8)
     ok = np.empty(len(paths), bool)
-    for start, (batch, flags) in zip(range(0, len(paths), 256), dataset.batch(256).as_numpy_iterator()):
+    batches = progress(dataset.batch(256).as_numpy_iterator(), -(-len(paths) // 256), "decoding", "batch")
+    for start, (batch, flags) in zip(range(0, len(paths), 256), batches):
         images[start : start + len(batch)] = batch
         ok[start : start + len(batch)] = flags
     return images, ok

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -19,10 +20,12 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils import name_utils
 
 from pneumo.config import DataConfig, RunConfigs, json_text
 from pneumo.data import MANIFEST_FILE, MANIFEST_META_FILE, Manifest, load_manifest, prepare_manifest, read_manifest
 from pneumo.errors import DataError
+from pneumo.experiment import tag_experiment_kind
 from pneumo.plots import plot_class_distribution
 
 log = logging.getLogger(__name__)
@@ -30,24 +33,80 @@ REJECTED_ARTIFACT = "rejected_files.csv"
 ENTRY_POINT_TAG = "pneumo.entry_point"
 
 
+def _is_generated_name(name: str | None) -> bool:
+    """Whether ``name`` is empty or one MLflow made up (``unequaled-grub-968``), not one the user chose."""
+    if not name:
+        return True
+    parts = name.split("-")
+    return (
+        len(parts) == 3
+        and parts[0] in name_utils._GENERATOR_PREDICATES
+        and parts[1] in name_utils._GENERATOR_NOUNS
+        and parts[2].isdigit()
+    )
+
+
+def describe_run(configs: RunConfigs) -> str:
+    """A run name that says what the run is: its entry point and key parameters.
+
+    E.g. ``aug_cnn-128px-lr0.001-16ep``, ``tune-aug_cnn-30trials-12ep``,
+    ``evaluate-test-models:/pneumonia-classifier@champion``.
+    """
+    params = configs.params()
+    entry_point = configs.entry_point
+    if entry_point == "prepare":
+        parts = [entry_point, f"val{params['val_fraction']:g}"]
+    elif entry_point == "evaluate":
+        parts = [entry_point, params["split"], params["model_uri"] or "latest-aug_cnn"]
+        parts += ["register"] if params["register"] else []
+    elif entry_point == "tune":
+        parts = [entry_point, params["study_name"], f"{params['n_trials']}trials", f"{params['epochs']}ep"]
+    else:
+        parts = [entry_point, f"{params['image_size']}px", f"lr{params['learning_rate']:g}", f"{params['epochs']}ep"]
+        parts += [f"{params['folds']}folds"] if "folds" in params else []
+    if params.get("limit_per_class"):
+        parts.append(f"limit{params['limit_per_class']}")
+    return "-".join(str(part) for part in parts)
+
+
+def _system_metrics(nested: bool) -> bool | None:
+    """System metrics (CPU, memory, GPU where present) for top-level runs, unless the user set the variable."""
+    if nested:
+        return False
+    return None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
+
+
 @contextlib.contextmanager
 def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under ``mlflow run``, resume) a run; log every config field and the entry-point tag.
 
     The code version is MLflow's own tag ``mlflow.source.git.commit``, set when the run is started
-    from the checkout (``mlflow run`` or ``python -m entrypoints.X``).
+    from the checkout (``mlflow run`` or ``python -m entrypoints.X``). Top-level runs log MLflow's
+    system metrics (``system/...``) unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise.
+    The run's experiment is tagged ``mlflow.experimentKind=custom_model_development`` (unless it
+    has a kind) so that MLflow's UI opens it on its runs.
 
     Args:
         configs: The run's configs: every field is logged as a param; the entry point is stored in
             the ``pneumo.entry_point`` tag.
         nested: Start a child run of the active run.
-        run_name: Display name; defaults to MLflow's generated name.
+        run_name: Display name; defaults to :func:`describe_run` (also replacing the random name
+            ``mlflow run`` gives, but not one the user chose with ``--run-name``).
     """
-    with mlflow.start_run(nested=nested, run_name=run_name) as run:
+    client = MlflowClient()
+    if run_name is None:
+        resumed = os.environ.get("MLFLOW_RUN_ID") if not nested and mlflow.active_run() is None else None
+        current = client.get_run(resumed).info.run_name if resumed else None
+        run_name = describe_run(configs) if _is_generated_name(current) else current
+    with mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=_system_metrics(nested)) as run:
+        try:
+            tag_experiment_kind(client, client.get_experiment(run.info.experiment_id))
+        except MlflowException as error:  # a read-only or foreign experiment: the tag is a convenience
+            log.warning("could not tag the experiment's kind: %s", error)
         mlflow.set_tag(ENTRY_POINT_TAG, configs.entry_point)
         # Under `mlflow run` the entry point's parameters are already logged, shell-quoted (""
         # as "''"), and MLflow refuses to change a param: log only the others.
-        logged = MlflowClient().get_run(run.info.run_id).data.params
+        logged = client.get_run(run.info.run_id).data.params
         mlflow.log_params({k: v for k, v in configs.params().items() if k not in logged})
         yield run
 

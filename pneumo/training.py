@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
+import pneumo.distribute as distribute
 from pneumo import CLASS_NAMES, metrics, model_io, pipeline, plots, tracking
 from pneumo.augmentation import build_augmenter
 from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, RunConfigs, TrainConfig
@@ -314,11 +315,15 @@ def train_model(
     data = data or load_training_data(configs.data)
     if configs.augment is not None and not tuning_trial:
         log_augmentation_grid(data.train, configs.augment, configs.data.seed)
-    with tempfile.TemporaryDirectory() as folder:
+    strategy = distribute.choose_strategy(configs.train.distribute)
+    train = distribute.global_batch(configs.train, strategy)
+    if not tuning_trial:
+        mlflow.log_params({"replicas": strategy.num_replicas_in_sync, "global_batch_size": train.batch_size})
+    with tempfile.TemporaryDirectory() as folder, strategy.scope():  # variables made in scope are mirrored
         checkpoint = Path(folder) / "best.keras"
         model = build()
         history = fit(
-            model, data.train, data.val, configs.train, configs.augment, configs.data.seed, checkpoint, extra_callbacks
+            model, data.train, data.val, train, configs.augment, configs.data.seed, checkpoint, extra_callbacks
         )
         probabilities, threshold, val_metrics = evaluate_validation(model, data.val, configs.train.target_sensitivity)
         result = TrainResult(model, history, probabilities, threshold, val_metrics, checkpoint)

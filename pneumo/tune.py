@@ -2,8 +2,9 @@
 
 The ``tune`` run is the MLflow parent; every Optuna trial is a nested run trained by the one
 training loop (:func:`pneumo.training.train_model`) on images decoded once per process. The
-study lives in an Optuna storage (SQLite by default, any database URL for workers on several
-machines), so an interrupted search resumes and parallel workers share one study.
+study lives in an Optuna storage (SQLite by default, for one worker; a journal file for several
+workers on one machine; a database URL or Optuna's gRPC proxy for workers on several machines),
+so an interrupted search resumes and parallel workers share one study.
 
 ``n_trials`` is the number of finished (complete or pruned) trials the *study* should hold.
 Optuna's ``MaxTrialsCallback`` is not enough for that: by default it counts only complete
@@ -175,15 +176,35 @@ def objective_value(
     return float(log_loss(labels, probabilities, labels=[0, 1]))
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Open an Optuna RDB storage with heartbeats, creating the folder of a SQLite file.
+JOURNAL_PREFIX = "journal:"
+GRPC_PREFIX = "grpc://"
 
-    Args:
-        url: SQLAlchemy database URL.
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open the Optuna storage ``url`` names.
+
+    - ``journal:PATH`` (``journal:outputs/optuna.log``, ``journal:///abs/path.log``): Optuna's
+      ``JournalStorage`` on an append-only file, its choice for several worker processes on one
+      machine. It has no heartbeats: a trial of a killed worker stays running.
+    - ``grpc://HOST:PORT``: Optuna's gRPC storage proxy (``python -m pneumo.optuna_proxy``), for
+      many workers on many machines in front of one database.
+    - Anything else is a SQLAlchemy URL (``sqlite:///...``, ``postgresql://...``), opened as an
+      RDB storage with heartbeats; the folder of a SQLite file is created.
 
     Raises:
         ConfigError: The URL cannot be parsed.
     """
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX) :].removeprefix("//")).expanduser()
+        if not path.name:
+            raise ConfigError(f"storage {url!r} names no journal file (e.g. journal:outputs/optuna.log)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if url.startswith(GRPC_PREFIX):
+        host, _, port = url[len(GRPC_PREFIX) :].rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"storage {url!r} is not grpc://HOST:PORT")
+        return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError as error:
@@ -214,6 +235,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 def masked(url: str) -> str:
     """The storage URL with its password hidden (it is logged as an MLflow param)."""
+    if url.startswith((JOURNAL_PREFIX, GRPC_PREFIX)):
+        return url
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except sqlalchemy.exc.ArgumentError:

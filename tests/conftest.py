@@ -1,7 +1,9 @@
 """Shared fixtures: an isolated MLflow store per test, small real-image data sets, sample image files.
 
-Real images come from ``../shared/data/chest_xray`` (never copied into the repo): small
-subsets are exposed through symlinks in a temporary folder, keeping whole patients together.
+Real images come from the first of ``$PNEUMO_SHARED_DATA``, ``../shared/data/chest_xray``,
+``$PNEUMO_DATA_DIR``, ``./data/chest_xray`` and the kagglehub cache (never copied into the repo):
+small subsets are exposed through symlinks in a temporary folder, keeping whole patients
+together. Without any, only the tests that need real X-rays skip, with one reason.
 Tests that train, start a subprocess or serve are marked ``slow``: ``pytest -m "not slow"`` runs
 the others in under a minute.
 """
@@ -13,12 +15,38 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("PNEUMO_SHARED_DATA", REPO.parent / "shared" / "data" / "chest_xray")).resolve()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pneumo.data import cached_dataset  # noqa: E402
+
+
+def find_real_data() -> Path | None:
+    """The first folder with real X-rays in the Kaggle layout, in the order README's test section gives."""
+    candidates = [
+        os.environ.get("PNEUMO_SHARED_DATA"),
+        REPO.parent / "shared" / "data" / "chest_xray",
+        os.environ.get("PNEUMO_DATA_DIR"),
+        REPO / "data" / "chest_xray",
+    ]
+    for candidate in filter(None, candidates):
+        path = Path(candidate).expanduser()
+        if (path / "train" / "NORMAL").is_dir() and (path / "train" / "PNEUMONIA").is_dir():
+            return path.resolve()
+    return cached_dataset()  # the user's kagglehub cache, read before the override below
+
+
+REAL_DATA = find_real_data()
+# Where tests read real images; a path that does not exist when there are none (those tests skip).
+SHARED_DATA = REAL_DATA or REPO.parent / "shared" / "data" / "chest_xray"
+NO_REAL_DATA = (
+    "no real chest X-rays: looked in $PNEUMO_SHARED_DATA, ../shared/data/chest_xray, $PNEUMO_DATA_DIR, "
+    "./data/chest_xray and the kagglehub cache (run `python -m entrypoints.prepare` once to download them)"
+)
+
 # Tests must never reach a network: kagglehub and Keras downloads fail fast instead of hanging.
-os.environ.setdefault("KAGGLEHUB_CACHE", str(Path("/tmp") / "pneumo-test-kagglehub"))
+os.environ["KAGGLEHUB_CACHE"] = str(Path("/tmp") / "pneumo-test-kagglehub")
 
 # Imported only now: TensorFlow (imported through helpers) reads TF_CPP_MIN_LOG_LEVEL when loaded.
 import mlflow  # noqa: E402
@@ -29,9 +57,11 @@ from helpers import use_tracking_store  # noqa: E402
 from pneumo.data import patient_id  # noqa: E402
 
 
-def pytest_configure(config):
-    if not (SHARED_DATA / "train" / "NORMAL").is_dir():
-        pytest.exit(f"real data missing: {SHARED_DATA}/train (set PNEUMO_SHARED_DATA)", returncode=2)
+def require_real_data() -> Path:
+    """The real-data folder; skips the calling test (or fixture) with one clear reason when there is none."""
+    if REAL_DATA is None:
+        pytest.skip(NO_REAL_DATA)
+    return REAL_DATA
 
 
 @pytest.fixture
@@ -51,6 +81,7 @@ def tracking(tmp_path, monkeypatch):
 
 def make_subset(root: Path, per_class: int, offset: int = 0) -> Path:
     """Symlink about ``per_class`` real training images per class into ``root/train/<CLASS>``."""
+    require_real_data()
     for name in ("NORMAL", "PNEUMONIA"):
         target = root / "train" / name
         target.mkdir(parents=True, exist_ok=True)

@@ -5,16 +5,23 @@ Image files are built by :mod:`xray_files`; fixtures live in ``conftest.py`` and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 from pneumo.pipeline import ImageSet
@@ -98,3 +105,69 @@ def cached_set(n_normal: int, n_pneumonia: int, side: int = 32) -> ImageSet:
     labels = np.array([0] * n_normal + [1] * n_pneumonia, dtype=np.int32)
     images = np.random.default_rng(0).integers(0, 255, (len(labels), side, side, 1), dtype=np.uint8)
     return ImageSet(images, labels, pd.DataFrame({"label": labels}))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A running scoring server and its log."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url, self.process, self.log = url, process, log
+
+    def invoke(self, body: dict | str | bytes, content_type: str = "application/json") -> requests.Response:
+        if isinstance(body, dict):
+            return requests.post(f"{self.url}/invocations", json=body, timeout=60)
+        return requests.post(f"{self.url}/invocations", data=body, headers={"Content-Type": content_type}, timeout=60)
+
+
+@contextlib.contextmanager
+def serve_model(model_uri: str, env: dict[str, str], log: Path, startup_seconds: float) -> Iterator[Server]:
+    """Run ``mlflow models serve -m MODEL_URI --env-manager local`` on a free port until /ping answers; stop it after.
+
+    Args:
+        model_uri: What to serve (``models:/name@alias`` resolves through ``env``'s tracking URI).
+        env: The server's environment.
+        log: File receiving its output (its tail is shown when it fails to start).
+        startup_seconds: How long it may take to answer /ping.
+    """
+    port = free_port()
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+            + ["--host", "127.0.0.1", "--port", str(port)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_seconds
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"mlflow models serve did not answer /ping in {startup_seconds} s:\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        yield Server(url, process, log)
+    finally:
+        # The CLI starts uvicorn as a child: stop the whole process group started here.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import SHARED_DATA, make_subset
+from conftest import make_subset, require_real_data
 from helpers import use_tracking_store
 from pneumo.aug_cnn import aug_cnn
 from pneumo.baseline import baseline
@@ -51,7 +51,7 @@ class TrainedModels:
 
 def _unseen_images() -> dict[str, list[Path]]:
     return {
-        name: sorted(p for p in (SHARED_DATA / "train" / name).iterdir() if not p.name.startswith("."))[
+        name: sorted(p for p in (require_real_data() / "train" / name).iterdir() if not p.name.startswith("."))[
             -UNSEEN_PER_CLASS:
         ]
         for name in ("NORMAL", "PNEUMONIA")

@@ -206,7 +206,7 @@ def test_prepare_without_data_or_network_fails_fast_with_one_clear_message(store
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-2000:]
     message = errors[0]
-    assert "Could not download the Kaggle dataset 'paultimothymooney/chest-xray-pneumonia'" in message
+    assert "Could not download the Kaggle dataset 'paultimothymooney/chest-xray-pneumonia/versions/2'" in message
     assert "https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia" in message
     assert "data_dir" in message and "PNEUMO_DATA_DIR" in message and "./data/chest_xray" in message
     assert list(workdir.iterdir()) == [], "a failed prepare must not leave files behind"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import xray_files as xf
-from conftest import SHARED_DATA
+from conftest import require_real_data
 from helpers import tree_state
 from pneumo import CLASS_NAMES
 from pneumo.data import (
@@ -58,7 +58,7 @@ def test_patient_id_does_not_merge_different_patients():
 
 
 def test_every_real_file_name_matches_a_known_pattern():
-    names = [p.name for c in CLASS_NAMES for p in (SHARED_DATA / "train" / c).iterdir()]
+    names = [p.name for c in CLASS_NAMES for p in (require_real_data() / "train" / c).iterdir()]
     unmatched = [n for n in names if patient_id(n) == Path(n).stem]
     assert not unmatched, unmatched[:5]
 
@@ -149,7 +149,7 @@ def test_resolve_data_dir_uses_the_environment_variable(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def real_images() -> pd.DataFrame:
     """Discovery of all real images, train and test (once per module)."""
-    found = discover(SHARED_DATA)
+    found = discover(require_real_data())
     assert found.rejected.empty, found.rejected.head()
     return found.images
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFile
 
 import xray_files as xf
-from conftest import SHARED_DATA
+from conftest import require_real_data
 from pneumo.preprocessing import MAX_PIXELS, ImageError, InputSpec, decode_image
 from pneumo.serving import decode_base64_image
 
@@ -21,7 +21,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def xray_path():
-    return sorted((SHARED_DATA / "train" / "PNEUMONIA").iterdir())[0]
+    return sorted((require_real_data() / "train" / "PNEUMONIA").iterdir())[0]
 
 
 @pytest.fixture(scope="module")

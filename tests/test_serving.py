@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -26,6 +21,7 @@ from mlflow.models import Model
 from sklearn.metrics import roc_auc_score
 
 import xray_files as xf
+from helpers import serve_model
 from pneumo import CLASS_NAMES, predict
 from pneumo.model_io import IMAGE_COLUMN
 
@@ -50,24 +46,6 @@ def records_body(cells: list) -> dict:
     return {"dataframe_records": [{IMAGE_COLUMN: cell} for cell in cells]}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """A running scoring server and its log."""
-
-    def __init__(self, url: str, process: subprocess.Popen, log: Path):
-        self.url, self.process, self.log = url, process, log
-
-    def invoke(self, body: dict | str | bytes, content_type: str = "application/json") -> requests.Response:
-        if isinstance(body, dict):
-            return requests.post(f"{self.url}/invocations", json=body, timeout=60)
-        return requests.post(f"{self.url}/invocations", data=body, headers={"Content-Type": content_type}, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def server(trained_models, tmp_path_factory):
     """Register the learned CNN as <name>@champion and serve that URI; stop the server afterwards."""
@@ -80,55 +58,9 @@ def server(trained_models, tmp_path_factory):
             mlflow.MlflowClient().set_registered_model_alias(SERVED_NAME, "champion", version.version)
         finally:
             mlflow.set_tracking_uri(None)
-    port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained_models.tracking_uri}
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "models",
-                "serve",
-                "-m",
-                SERVED_URI,
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow models serve did not answer /ping in {STARTUP_SECONDS} s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        yield Server(url, process, log)
-    finally:
-        # The CLI starts uvicorn as a child: stop the whole process group this fixture created.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    with serve_model(SERVED_URI, env, log, STARTUP_SECONDS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

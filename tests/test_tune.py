@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 
 import mlflow
@@ -16,7 +17,8 @@ from optuna.trial import TrialState
 
 from helpers import artifacts, read_json, read_text, run_project
 from pneumo.config import TuneConfig
-from pneumo.tune import log_study_summary, masked, open_study, suggest
+from pneumo.errors import ConfigError
+from pneumo.tune import log_study_summary, masked, open_storage, open_study, suggest
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -122,7 +124,8 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
 
 @pytest.mark.slow
 def test_two_workers_share_one_study_without_losing_or_repeating_trials(repo, tracking, small_data, tmp_path, python):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # A journal file: Optuna's storage for several processes on one machine (README, Tuning storage).
+    storage = f"journal:{tmp_path / 'optuna.log'}"
     n_trials = 4
     params = {**_base_params(small_data, storage), "n_trials": n_trials, "pruner": "none", "epochs": 1}
     command = [python, "-m", "entrypoints.tune"] + [f"--{k}={v}" for k, v in params.items()]
@@ -141,7 +144,7 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(repo, tr
         for worker, log in zip(workers, logs):
             assert worker.wait(timeout=400) == 0, log.read_text()[-3000:]
 
-    study = optuna.load_study(study_name="tiny", storage=storage)
+    study = optuna.load_study(study_name="tiny", storage=open_storage(storage))
     finished = [t for t in study.trials if t.state in FINISHED]
     assert sorted(t.number for t in finished) == list(range(n_trials))
     assert len(study.trials) == len(finished)
@@ -209,3 +212,45 @@ def test_seeding_is_per_trial_and_studies_keep_their_direction(tmp_path):
     with pytest.raises(ValueError, match="maximize"):
         open_study(TuneConfig(storage=tune.storage, study_name="s", objective="val_loss"), seed=5)
     assert "secret" not in masked("postgresql://optuna:secret@db.example.org/studies")
+
+
+def _ask_and_tell(storage: str, value: float) -> None:
+    study = open_study(TuneConfig(storage=storage, study_name="shared"), seed=1)
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, value)
+
+
+def test_a_journal_file_holds_a_study_for_several_processes(tmp_path):
+    storage = f"journal:{tmp_path / 'journal' / 'optuna.log'}"
+    _ask_and_tell(storage, 0.5)
+    _ask_and_tell(storage, 0.7)  # a second process opens the same file
+    assert isinstance(open_storage(storage), optuna.storages.JournalStorage)
+    study = optuna.load_study(study_name="shared", storage=open_storage(storage))
+    assert [t.value for t in study.trials] == [0.5, 0.7] and masked(storage) == storage
+    with pytest.raises(ConfigError, match="names no journal file"):
+        open_storage("journal:")
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_workers_reach_one_database_through_optunas_grpc_proxy(tmp_path):
+    from optuna.storages._grpc.server import make_server
+
+    database = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # What `python -m pneumo.optuna_proxy --storage DATABASE --port PORT` serves, stoppable here.
+    server = make_server(optuna.storages.get_storage(open_storage(database)), "127.0.0.1", port)
+    server.start()
+    try:
+        proxy = f"grpc://127.0.0.1:{port}"
+        assert isinstance(open_storage(proxy), optuna.storages.GrpcStorageProxy)
+        _ask_and_tell(proxy, 0.25)
+        _ask_and_tell(proxy, 0.75)
+    finally:
+        server.stop(None)
+    study = optuna.load_study(study_name="shared", storage=database)
+    assert [t.value for t in study.trials] == [0.25, 0.75]
+    with pytest.raises(ConfigError, match="grpc://HOST:PORT"):
+        open_storage("grpc://no-port")

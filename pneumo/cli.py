@@ -30,7 +30,6 @@ from pneumo.config import (
     parse_configs,
 )
 from pneumo.errors import PneumoError
-from pneumo.preprocessing import ImageError
 
 # The notebook's settings for its own models: 64x64 RGB, RMSprop, batch 64, up to 50 epochs.
 _NOTEBOOK = {
@@ -99,7 +98,7 @@ def main(name: str, argv: list[str] | None = None) -> Any:
     configs = parse_configs(description, *ENTRY_POINTS[name].configs, defaults=ENTRY_POINTS[name].defaults, argv=argv)
     try:
         return function(*configs)
-    except (PneumoError, ImageError) as error:  # ImageError, the decoder's, is a ValueError of its own
+    except PneumoError as error:  # DataError, ConfigError and the decoder's ImageError
         sys.exit(f"error: {error}")
 
 

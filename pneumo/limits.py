@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
+import threading
 from typing import Any
 
 import pandas as pd
@@ -102,6 +104,40 @@ def strip_base64(value: str | bytes) -> bytes:
     return data.translate(None, _BASE64_WHITESPACE)
 
 
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(int(os.environ.get(name, default)), 0)
+    except ValueError:
+        log.warning("ignoring %s=%r (not an integer)", name, os.environ.get(name))
+        return default
+
+
+# Predictions one server process runs at once (0 = no bound); more requests wait their turn. On
+# a small CPU, threads that all run TensorFlow at once fight over the cores (see README, Benchmarks).
+CONCURRENCY = _env_int("PNEUMO_SERVE_CONCURRENCY", 1)
+_slots = threading.BoundedSemaphore(CONCURRENCY) if CONCURRENCY else None
+
+
+def bound_threads() -> None:
+    """Set TensorFlow's thread pools for serving, before TensorFlow runs anything in this process.
+
+    ``PNEUMO_SERVE_THREADS`` (default: every core) intra-op threads and
+    ``PNEUMO_SERVE_INTER_THREADS`` (default 1) inter-op threads; 0 leaves TensorFlow's default.
+    Too late once TensorFlow has run an op (a warning says so; nothing else changes).
+    """
+    intra = _env_int("PNEUMO_SERVE_THREADS", os.cpu_count() or 1)
+    inter = _env_int("PNEUMO_SERVE_INTER_THREADS", 1)
+    import tensorflow as tf
+
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError as error:  # TensorFlow already initialised (e.g. in a training process)
+        log.warning("TensorFlow threads not bound: %s", error)
+
+
 def refuse_safely(predict):
     """Decorate a pyfunc ``predict``: check the limits first, never let the request leak out.
 
@@ -114,7 +150,10 @@ def refuse_safely(predict):
     def wrapper(self, context, model_input, params: dict[str, Any] | None = None):
         check_request(model_input)
         try:
-            return predict(self, context, model_input, params)
+            if _slots is None:
+                return predict(self, context, model_input, params)
+            with _slots:
+                return predict(self, context, model_input, params)
         except RequestError:
             raise
         except Exception as error:  # noqa: BLE001  (anything else would carry the data or a traceback)

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo import CLASS_NAMES
-from pneumo.limits import RequestError, guard_scoring_server, refuse_safely, strip_base64
+from pneumo.limits import RequestError, bound_threads, guard_scoring_server, refuse_safely, strip_base64
 from pneumo.model_io import (
     CONFIG_ARTIFACT,
     IMAGE_COLUMN,
@@ -87,6 +87,7 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         """Load the Keras model (safe mode) and its configuration from the logged artifacts."""
         guard_scoring_server()  # no answer of the server may echo the request (pneumo.limits)
+        bound_threads()  # before the model is loaded: TensorFlow's pools are fixed at its first op
         self.config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         self.model = load_keras_model(context.artifacts[MODEL_ARTIFACT])
 

@@ -177,6 +177,9 @@ def main() -> None:
             rss_before = server_rss_mb(process)
             results = [load(url, bodies, clients, args.seconds) for clients in args.clients]
             rss_after = server_rss_mb(process)
+            threads_bound = "TensorFlow threads not bound" not in (Path(folder) / "serve.log").read_text(
+                errors="replace"
+            )
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
@@ -186,6 +189,7 @@ def main() -> None:
         "server_env": args.env,
         "seconds": args.seconds,
         "bare_decode_forward_ms": round(bare, 1),
+        "tensorflow_threads_bound": threads_bound,
         "server_rss_mb_before": round(rss_before),
         "server_rss_mb_after": round(rss_after),
         "rss_growth_percent": round(100 * (rss_after - rss_before) / rss_before, 1),

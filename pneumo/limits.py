@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import re
+import sys
 import threading
 from typing import Any
 
@@ -127,6 +128,7 @@ def bound_threads() -> None:
     """
     intra = _env_int("PNEUMO_SERVE_THREADS", os.cpu_count() or 1)
     inter = _env_int("PNEUMO_SERVE_INTER_THREADS", 1)
+    imported_before = "tensorflow" in sys.modules  # a training or evaluation process: expected to fail
     import tensorflow as tf
 
     try:
@@ -135,7 +137,7 @@ def bound_threads() -> None:
         if inter:
             tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError as error:  # TensorFlow already initialised (e.g. in a training process)
-        log.warning("TensorFlow threads not bound: %s", error)
+        (log.debug if imported_before else log.warning)("TensorFlow threads not bound: %s", error)
 
 
 def refuse_safely(predict):

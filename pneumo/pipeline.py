@@ -129,6 +129,7 @@ def write_cache(cache: Path, images: np.ndarray, ok: np.ndarray) -> None:
     try:
         with os.fdopen(handle, "wb") as output:
             np.savez(output, images=images, ok=ok)
+        os.chmod(partial, 0o644)  # mkstemp makes it private; the cache was readable like any output
         os.replace(partial, cache)  # atomic: a reader sees the old file or the whole new one
     except BaseException:
         Path(partial).unlink(missing_ok=True)

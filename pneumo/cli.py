@@ -31,7 +31,6 @@ from pneumo.config import (
 )
 from pneumo.errors import PneumoError
 from pneumo.experiment import use_default_experiment
-from pneumo.preprocessing import ImageError
 
 # The notebook's settings for its own models: 64x64 RGB, RMSprop, batch 64, up to 50 epochs.
 _NOTEBOOK = {
@@ -103,7 +102,7 @@ def main(name: str, argv: list[str] | None = None) -> Any:
     use_default_experiment()
     try:
         return function(*configs)
-    except (PneumoError, ImageError) as error:  # ImageError, the decoder's, is a ValueError of its own
+    except PneumoError as error:  # DataError, ConfigError and the decoder's ImageError
         sys.exit(f"error: {error}")
 
 

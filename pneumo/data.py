@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +46,8 @@ SPLITS = ("train", "val", "test")
 MANIFEST_FILE = "manifest.csv"
 MANIFEST_META_FILE = "manifest_meta.json"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+# Largest image file read through a manifest (the largest Kaggle X-ray is a few MB).
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 # File-name patterns of the Kermany et al. dataset; the captured group identifies the patient.
 _PATIENT_PATTERNS = [
@@ -180,8 +183,11 @@ def resolve_data_dir(data_dir: str) -> Path:
             if missing:
                 raise DataError(f"{path} is not in the Kaggle layout: missing train/{', train/'.join(missing)}")
             return path
-        if data_dir:
-            log.warning("data_dir %s does not exist; downloading %s", path, KAGGLE_DATASET)
+        if data_dir:  # given but absent: a typo must not turn into a 1.2 GB download
+            raise DataError(
+                f"data_dir {path} does not exist; give an existing folder in the Kaggle layout, "
+                "or leave data_dir empty to search $PNEUMO_DATA_DIR, ./data/chest_xray, then download"
+            )
     return download_dataset()
 
 
@@ -356,6 +362,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = set(MANIFEST_COLUMNS) - set(frame.columns)
     if missing:
         raise DataError(f"manifest {path} lacks column(s) {sorted(missing)}")
+    check_manifest_paths(frame, path)
     expected = frame["label_name"].map({name: i for i, name in enumerate(CLASS_NAMES)})
     if expected.isna().any() or (expected != frame["label"]).any():
         raise DataError(f"manifest {path} breaks the label contract NORMAL=0, PNEUMONIA=1")
@@ -404,6 +411,52 @@ class Manifest:
     def meta_json(self) -> dict[str, Any]:
         """The metadata to store beside the manifest: with it, the manifest can be read back alone."""
         return {**self.meta, "data_dir": str(self.data_dir), "digest": self.digest}
+
+
+def check_manifest_paths(frame: pd.DataFrame, source: str | Path = "manifest") -> None:
+    """Refuse manifest paths that could leave ``data_dir``: absolute, ``..``, or empty.
+
+    Raises:
+        DataError: Naming up to five offending rows.
+    """
+    bad = [
+        (row, path)
+        for row, path in enumerate(frame["path"].astype(str))
+        if not path or path in (".", "nan") or Path(path).is_absolute() or ".." in Path(path).parts
+    ]
+    if bad:
+        listed = "; ".join(f"row {row}: {path!r}" for row, path in bad[:5])
+        raise DataError(f"manifest {source}: {len(bad)} path(s) are not relative paths inside data_dir ({listed})")
+
+
+def read_checked(data_dir: Path, relative: str, sha256: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a manifest file, if they are still the ones the manifest recorded.
+
+    The path must stay inside ``data_dir`` (see :func:`check_manifest_paths`; links inside it are
+    followed, as the test data and many mirrors use them), name a regular file (``/dev/zero`` never
+    ends) of at most ``max_bytes``, and hash to ``sha256``.
+
+    Raises:
+        DataError: Any of these fails; the message says which.
+    """
+    if Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise DataError(f"{relative}: not a relative path inside data_dir")
+    path = data_dir / relative
+    try:
+        with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise DataError(f"{path}: not a regular file")
+            if status.st_size > max_bytes:
+                raise DataError(f"{path}: {status.st_size:,} bytes, over the {max_bytes:,}-byte limit")
+            data = handle.read(max_bytes + 1)
+    except OSError as error:
+        raise DataError(f"{path}: unreadable ({error.strerror or error})") from error
+    if len(data) > max_bytes:
+        raise DataError(f"{path}: over the {max_bytes:,}-byte limit")
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{path}: content changed since the manifest was made (SHA-256 differs)")
+    return data
 
 
 def prepare_manifest(config: DataConfig) -> Manifest:

@@ -1,7 +1,8 @@
 """The project's own error types: failures a user can fix, whose message says what to do.
 
 The command line reports these in one line (see :func:`pneumo.cli.main`); anything else, a bug or
-an error from deep inside Keras or MLflow, keeps its traceback.
+an error from deep inside Keras or MLflow, keeps its traceback. The decoder's
+:class:`pneumo.preprocessing.ImageError` (also a ``ValueError``) is one of them.
 """
 
 from __future__ import annotations

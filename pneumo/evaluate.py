@@ -72,6 +72,7 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
                 config.registered_name,
                 _validation_scorer(trained, predicted, config, manifest, data),
                 manifest.digest,
+                validation_hashes=manifest.split("val")["sha256"],
             )
         log.info(
             "%s: ROC AUC %.4f; at threshold %.3f sensitivity %.3f, specificity %.3f",

@@ -27,12 +27,15 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from pneumo.config import json_text
 from pneumo.errors import ConfigError
 from pneumo.preprocessing import InputSpec
+from pneumo.synthetic import synthetic_example_base64
 
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "keras_model"
 CONFIG_ARTIFACT = "model_config"
 OUTPUT_COLUMNS = ("label", "probability", "threshold")
-INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN)])
+# Optional on purpose: MLflow refuses a missing required column with a message that echoes the
+# request's data; an optional one is dropped, and pneumo.limits.check_request refuses it instead.
+INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN, required=False)])
 OUTPUT_SCHEMA = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")])
 # Request parameters: {"params": {"tta": true}} averages over the fixed test-time views.
 PARAMS_SCHEMA = ParamSchema([ParamSpec("tta", "boolean", False)])
@@ -173,7 +176,8 @@ def log_model(keras_path: str | Path, model_config: dict, example_file: str | Pa
     Args:
         keras_path: The ``.keras`` file (best checkpoint).
         model_config: Input size, channels, threshold, class names and hyperparameters.
-        example_file: A real image file used as the input example.
+        example_file: Unused, kept for callers: the input example is a synthetic image
+            (:mod:`pneumo.synthetic`), never a patient's, since it travels with the model.
         name: Logged-model name in the run.
 
     Returns:
@@ -188,6 +192,6 @@ def log_model(keras_path: str | Path, model_config: dict, example_file: str | Pa
             artifacts={MODEL_ARTIFACT: str(keras_path), CONFIG_ARTIFACT: str(config_path)},
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=PARAMS_SCHEMA),
-            input_example=pd.DataFrame({IMAGE_COLUMN: [encode_file(example_file)]}),
+            input_example=pd.DataFrame({IMAGE_COLUMN: [synthetic_example_base64()]}),
             pip_requirements=pip_requirements(),
         )

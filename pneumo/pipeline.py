@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,8 @@ import pandas as pd
 import tensorflow as tf
 from imblearn.over_sampling import RandomOverSampler
 
-from pneumo.preprocessing import InputSpec, decode_file
+from pneumo.data import read_checked
+from pneumo.preprocessing import InputSpec, decode_file, decode_image
 from pneumo.progress import progress
 
 log = logging.getLogger(__name__)
@@ -38,24 +41,34 @@ class ImageSet:
     frame: pd.DataFrame  # manifest rows, aligned with images
 
 
-def _decode_all(paths: list[str], spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Decode files in a parallel tf.data map; return images and a per-file success flag."""
-    shape = (spec.image_size, spec.image_size, spec.channels)
+def _decode_all(
+    paths: list[str], spec: InputSpec, data_dir: Path | None = None, hashes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode files in a parallel tf.data map; return images and a per-file success flag.
 
-    def decode(path: bytes) -> tuple[np.ndarray, bool]:
+    With ``data_dir`` and ``hashes``, ``paths`` are manifest paths: each file is read through
+    :func:`pneumo.data.read_checked` (confined to ``data_dir``, a regular file, size capped, and
+    its bytes must still hash to the manifest's SHA-256), else reported and skipped.
+    """
+    shape = (spec.image_size, spec.image_size, spec.channels)
+    hashes = list(hashes) if hashes is not None else [""] * len(paths)
+
+    def decode(path: bytes, sha256: bytes) -> tuple[np.ndarray, bool]:
         try:
-            return decode_file(path.decode(), spec), True
+            if data_dir is None:
+                return decode_file(path.decode(), spec), True
+            return decode_image(read_checked(data_dir, path.decode(), sha256.decode()), spec), True
         except Exception as error:  # reported and skipped, never fatal
             log.warning("skipping %s: %s", path.decode(), error)
             return np.zeros(shape, np.uint8), False
 
-    def tf_decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image, ok = tf.numpy_function(decode, [path], [tf.uint8, tf.bool], stateful=False)
+    def tf_decode(path: tf.Tensor, sha256: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image, ok = tf.numpy_function(decode, [path, sha256], [tf.uint8, tf.bool], stateful=False)
         image.set_shape(shape)
         ok.set_shape(())
         return image, ok
 
-    dataset = tf.data.Dataset.from_tensor_slices(paths).map(tf_decode, num_parallel_calls=AUTOTUNE)
+    dataset = tf.data.Dataset.from_tensor_slices((paths, hashes)).map(tf_decode, num_parallel_calls=AUTOTUNE)
     images = np.empty((len(paths), *shape), np.uint8)
     ok = np.empty(len(paths), bool)
     batches = progress(dataset.batch(256).as_numpy_iterator(), -(-len(paths) // 256), "decoding", "batch")
@@ -79,20 +92,49 @@ def load_split(frame: pd.DataFrame, data_dir: Path, spec: InputSpec, cache_dir: 
     """
     key = hashlib.sha256("|".join([_DECODER_VERSION, repr(spec), *frame["sha256"]]).encode()).hexdigest()[:24]
     cache = Path(cache_dir) / f"images-{key}.npz" if cache_dir else None
-    if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as stored:
-            images, ok = stored["images"], stored["ok"]
+    stored = (
+        read_cache(cache, (len(frame), spec.image_size, spec.image_size, spec.channels)) if cache is not None else None
+    )
+    if stored is not None:
+        images, ok = stored
     else:
-        images, ok = _decode_all([str(data_dir / p) for p in frame["path"]], spec)
+        images, ok = _decode_all(list(frame["path"]), spec, Path(data_dir), list(frame["sha256"]))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_suffix(".tmp.npz")
-            np.savez(partial, images=images, ok=ok)
-            partial.replace(cache)  # atomic: concurrent tune workers never read half a file
+            write_cache(cache, images, ok)
     if not ok.all():
         log.warning("%d of %d images could not be decoded and were skipped", (~ok).sum(), len(ok))
     kept = frame[ok].reset_index(drop=True)
     return ImageSet(images[ok], kept["label"].to_numpy(np.int32), kept)
+
+
+def read_cache(cache: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Images and flags from a disk cache, or None (a miss) when it is absent, unreadable or the wrong shape."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            images, ok = stored["images"], stored["ok"]
+    except Exception as error:  # truncated, corrupt or foreign: decode again and overwrite it
+        log.warning("ignoring unreadable image cache %s (%s)", cache, type(error).__name__)
+        return None
+    if images.shape != shape or images.dtype != np.uint8 or ok.shape != shape[:1] or ok.dtype != bool:
+        log.warning("ignoring image cache %s: holds %s %s, expected %s uint8", cache, images.shape, images.dtype, shape)
+        return None
+    return images, ok
+
+
+def write_cache(cache: Path, images: np.ndarray, ok: np.ndarray) -> None:
+    """Write a disk cache atomically under a unique temporary name: concurrent writers never collide."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as output:
+            np.savez(output, images=images, ok=ok)
+        os.chmod(partial, 0o644)  # mkstemp makes it private; the cache was readable like any output
+        os.replace(partial, cache)  # atomic: a reader sees the old file or the whole new one
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def balanced_indices(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -18,18 +18,29 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from pneumo.errors import PneumoError
+
 # Images above this many pixels are refused before their pixels are decoded: a 2,000 x 2,000
-# X-ray has 4 M pixels, a decompression bomb has billions.
-MAX_PIXELS = 50_000_000
+# X-ray has 4 M pixels, a 43 cm detector at 0.1 mm 18.5 M, a decompression bomb billions. The
+# pixel budget bounds memory: a 16-bit PNG at the limit peaks at about 6 bytes a pixel (150 MB).
+MAX_PIXELS = 25_000_000
 # Smaller than this on either side cannot be a chest X-ray worth classifying.
 MIN_SIDE = 32
+
+# What decode_image accepts: these Pillow formats, and DICOM (uncompressed; see pneumo.dicom).
+PIL_FORMATS = ("JPEG", "PNG")
+ACCEPTED_FORMATS = "JPEG, PNG or uncompressed DICOM"
 
 # PIL's own bomb guard raises a DecompressionBombError at twice its limit; align it with ours.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
-class ImageError(ValueError):
-    """Raised when bytes cannot be turned into a model input; the message names the problem."""
+class ImageError(PneumoError, ValueError):
+    """Raised when bytes cannot be turned into a model input; the message names the problem.
+
+    A :class:`~pneumo.errors.PneumoError` (the command line reports it in one line) and, as before,
+    a ``ValueError``.
+    """
 
 
 def _is_dicom(data: bytes) -> bool:
@@ -37,30 +48,13 @@ def _is_dicom(data: bytes) -> bool:
 
 
 def _dicom_to_array(data: bytes) -> np.ndarray:
-    """Decode a DICOM file into a float array with display intensities (bright = dense)."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    """Decode a DICOM file into a float array with display intensities (bright = dense).
 
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
-        rows, cols = int(dataset.Rows), int(dataset.Columns)
-    except Exception as error:
-        raise ImageError(f"unreadable DICOM file: {error}") from error
-    check_dimensions(cols, rows)
-    try:
-        pixels = dataset.pixel_array
-    except Exception as error:
-        raise ImageError(f"DICOM pixel data cannot be decoded: {error}") from error
-    if pixels.ndim == 3 and getattr(dataset, "SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]  # multi-frame: the first frame
-    pixels = apply_modality_lut(pixels, dataset)
-    pixels = apply_voi_lut(pixels, dataset)  # window centre/width or VOI LUT when present
-    pixels = np.asarray(pixels, dtype=np.float32)
-    if pixels.ndim == 3:
-        pixels = pixels.mean(axis=-1)
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # MONOCHROME1 shows low values as white
-    return pixels
+    Only the first frame of an uncompressed file, sized from its header first: see :mod:`pneumo.dicom`.
+    """
+    from pneumo.dicom import dicom_to_array
+
+    return dicom_to_array(data, MAX_PIXELS)
 
 
 def check_dimensions(width: int, height: int) -> None:
@@ -74,12 +68,29 @@ def check_dimensions(width: int, height: int) -> None:
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Stretch any numeric range (12/16-bit, float) to 0..255."""
-    pixels = pixels.astype(np.float32)
+    """Stretch any numeric range (12/16-bit, float) to 0..255.
+
+    Works in blocks of rows, so a large 16-bit image costs its uint8 result and one float32 block
+    on top of itself, not several float32 copies. Non-finite values are refused.
+    """
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise ImageError("image has non-finite pixel values (NaN or infinity)")
     low, high = float(pixels.min()), float(pixels.max())
     if high <= low:
         return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    scale = np.float32(255.0 / (high - low))
+    for start in range(0, len(pixels), _TO_UINT8_ROWS):
+        block = pixels[start : start + _TO_UINT8_ROWS].astype(np.float32)
+        block -= np.float32(low)
+        block *= scale
+        np.round(block, out=block)
+        out[start : start + _TO_UINT8_ROWS] = block
+    return out
+
+
+# Rows per block of _to_uint8.
+_TO_UINT8_ROWS = 256
 
 
 def _pil_to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -209,11 +220,13 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
         try:
             with warnings.catch_warnings():  # our own pixel limit below decides, silently
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                # Only the formats this project decodes: Pillow would otherwise try ~43, EPS
+                # included (handed to Ghostscript where installed).
+                image = Image.open(io.BytesIO(data), formats=list(PIL_FORMATS))
         except Image.DecompressionBombError as error:
             raise ImageError(f"image too large: {error}") from error
         except Exception as error:
-            raise ImageError("not a recognised image (JPEG, PNG or DICOM expected)") from error
+            raise ImageError(f"not a recognised image (accepted: {ACCEPTED_FORMATS})") from error
         check_dimensions(*image.size)
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale: same result after resizing, far less work.
@@ -225,19 +238,18 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
         except Exception as error:
             raise ImageError(f"image data is truncated or corrupt: {error}") from error
-    image = _pil_to_mode(image, spec.channels)
-    if spec.crop > 0:
-        width, height = image.size
-        image = image.crop(
-            (
-                round(width * spec.crop),
-                round(height * spec.crop),
-                round(width * (1 - spec.crop)),
-                round(height * (1 - spec.crop)),
-            )
-        )
-    image = image.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    array = np.asarray(image, dtype=np.uint8)
+    try:
+        image = _pil_to_mode(image, spec.channels)
+        if spec.crop > 0:
+            width, height = image.size
+            box = (spec.crop * width, spec.crop * height, (1 - spec.crop) * width, (1 - spec.crop) * height)
+            image = image.crop(tuple(round(v) for v in box))
+        image = image.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        array = np.asarray(image, dtype=np.uint8)
+    except ImageError:
+        raise
+    except Exception as error:  # an odd mode or palette: still the caller's bad file, never a crash
+        raise ImageError(f"image cannot be converted ({type(error).__name__}; mode {image.mode})") from error
     if array.ndim == 2:
         array = array[:, :, None]
     return equalize(array, spec.equalize)

@@ -8,12 +8,15 @@ lookup, both AUCs, the registration, and what the evaluation run logs about it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
 import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import mlflow
 import numpy as np
@@ -22,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pneumo import metrics, model_io, plots, tracking
+from pneumo.errors import DataError
 from pneumo.model_io import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -82,7 +86,76 @@ def decide(candidate_auc: float, champion_auc: float | None) -> tuple[str, str]:
     return CHALLENGER, f"validation ROC AUC {candidate_auc:.4f} does not beat the champion's {champion_auc:.4f}"
 
 
-def register_evaluated(trained: TrainedModel, name: str, score: Scorer, manifest_digest: str) -> Decision | None:
+@contextlib.contextmanager
+def registry_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock on the registration decision for ``name`` (this tracking store, this machine).
+
+    Two evaluations registering at once both saw no champion, and the worse model ended as
+    champion. The lock serialises read-compare-move between processes on one machine (a file lock
+    in the temporary folder, keyed by tracking URI and name); across machines,
+    :func:`register_evaluated` still re-reads the alias right before moving it.
+    """
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{name}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"pneumo-registry-{key}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_no_training_overlap(models: dict[str, str | None], validation_hashes: Iterable[str]) -> None:
+    """Refuse when validation images (by content hash) were in a model's training split.
+
+    Args:
+        models: Label ("candidate", "champion v3") -> training run id (None: unknown, not checked).
+        validation_hashes: SHA-256 of the validation images both models are judged on.
+
+    Raises:
+        DataError: Naming the model, its run and how many validation images it trained on.
+    """
+    hashes = set(validation_hashes)
+    for label, run_id in models.items():
+        if not run_id:
+            continue
+        try:
+            trained_on = tracking.run_manifest_frame(run_id)
+        except Exception as error:  # another tracking server, or a run without a manifest
+            log.warning("cannot check %s (run %s) for training overlap: %s", label, run_id, error)
+            continue
+        overlap = int(trained_on.loc[trained_on["split"] == "train", "sha256"].isin(hashes).sum())
+        if overlap:
+            raise DataError(
+                f"not registered: {overlap} validation image(s) were in the training split of the {label} "
+                f"(run {run_id}), so its validation ROC AUC is optimistic; evaluate with a manifest whose "
+                "validation split neither model trained on"
+            )
+
+
+def register_evaluated(
+    trained: TrainedModel,
+    name: str,
+    score: Scorer,
+    manifest_digest: str,
+    validation_hashes: Iterable[str] | None = None,
+) -> Decision | None:
+    """Register under :func:`registry_lock`; see :func:`_register_evaluated` for the arguments.
+
+    ``validation_hashes`` (the validation images' SHA-256), when given, are checked against both
+    models' training splits first (:func:`check_no_training_overlap`).
+    """
+    with registry_lock(name):
+        return _register_evaluated(trained, name, score, manifest_digest, validation_hashes)
+
+
+def _register_evaluated(
+    trained: TrainedModel,
+    name: str,
+    score: Scorer,
+    manifest_digest: str,
+    validation_hashes: Iterable[str] | None = None,
+) -> Decision | None:
     """Register an evaluated model as a new version of ``name`` and set its alias; log why to the active run.
 
     The candidate's and the current champion's validation ROC AUC are both computed by ``score``
@@ -106,14 +179,29 @@ def register_evaluated(trained: TrainedModel, name: str, score: Scorer, manifest
         )
         mlflow.set_tag("pneumo.registration", f"already champion (version {champion.version})")
         return None
+    if validation_hashes is not None:
+        runs = {"candidate": trained.run_id}
+        if champion is not None:
+            runs[f"champion v{champion.version}"] = champion.run_id
+        check_no_training_overlap(runs, validation_hashes)
     labels, probabilities = score(trained)
     candidate_auc = metrics.roc_auc(labels, probabilities)
-    curves = {f"candidate ({trained.run_id[:8] if trained.run_id else trained.uri})": (labels, probabilities)}
+    candidate_label = f"candidate ({trained.run_id[:8] if trained.run_id else trained.uri})"
+    curves = {candidate_label: (labels, probabilities)}
     champion_auc = None
-    if champion is not None:
-        champion_curve = score(model_io.load_trained_model(f"models:/{name}@{CHAMPION}"))
-        champion_auc = metrics.roc_auc(*champion_curve)
-        curves[f"champion v{champion.version}"] = champion_curve
+    for _ in range(3):  # the alias may move while we score (another machine): compare with what holds it
+        curves = {candidate_label: (labels, probabilities)}
+        champion_auc = None
+        if champion is not None:
+            # The version read, not the alias: its AUC must come from the version recorded.
+            champion_curve = score(model_io.load_trained_model(f"models:/{name}/{champion.version}"))
+            champion_auc = metrics.roc_auc(*champion_curve)
+            curves[f"champion v{champion.version}"] = champion_curve
+        latest = current_champion(name)
+        if getattr(latest, "version", None) == getattr(champion, "version", None):
+            break
+        log.warning("the %s alias moved while scoring; comparing again", CHAMPION)
+        champion = latest
     decision = _register_version(
         f"models:/{trained.model_id}" if trained.model_id else trained.uri,
         name,

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo import CLASS_NAMES
+from pneumo.limits import RequestError, bound_threads, guard_scoring_server, refuse_safely, strip_base64
 from pneumo.model_io import (
     CONFIG_ARTIFACT,
     IMAGE_COLUMN,
@@ -38,8 +39,8 @@ _MAX_LISTED_ERRORS = 10
 
 
 def bad_request(message: str) -> MlflowException:
-    """An exception the scoring server turns into HTTP 400 with ``message``."""
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    """An exception the scoring server turns into HTTP 400 with ``message`` alone (never the request's data)."""
+    return RequestError(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def decode_base64_image(value: Any, spec: InputSpec) -> np.ndarray:
@@ -53,13 +54,11 @@ def decode_base64_image(value: Any, spec: InputSpec) -> np.ndarray:
         raise ImageError(f"'{IMAGE_COLUMN}' is missing (null)")
     if not isinstance(value, (str, bytes)):
         raise ImageError(f"'{IMAGE_COLUMN}' must be base64 text, got {type(value).__name__}")
-    if isinstance(value, bytes):
-        value = value.decode("ascii", errors="replace")
     # Line-wrapped base64 (the `base64` tool's default) and browser data URLs are common and
     # unambiguous; anything else that is not strict base64 is refused rather than guessed at.
-    text = "".join(value.split())
-    if text.startswith("data:") and ";base64," in text:
-        text = text.split(";base64,", 1)[1]
+    text = strip_base64(value)
+    if text.startswith(b"data:") and b";base64," in text[:200]:
+        text = text.split(b";base64,", 1)[1]
     if not text:
         raise ImageError(f"'{IMAGE_COLUMN}' is an empty string")
     try:
@@ -87,11 +86,14 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         """Load the Keras model (safe mode) and its configuration from the logged artifacts."""
+        guard_scoring_server()  # no answer of the server may echo the request (pneumo.limits)
+        bound_threads()  # before the model is loaded: TensorFlow's pools are fixed at its first op
         self.config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         self.model = load_keras_model(context.artifacts[MODEL_ARTIFACT])
 
     # The pd.DataFrame hints silence MLflow's "add type hints" advice without replacing the
     # explicit signature: MLflow infers no schema from a DataFrame hint.
+    @refuse_safely
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Classify every row.
 

@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 from sklearn.metrics import log_loss
 
-from pneumo import aug_cnn, models, plots, tracking
+from pneumo import aug_cnn, models, plots, tracking, tune_recovery
 from pneumo.config import (
     HIGHER_IS_BETTER,
     AugmentConfig,
@@ -291,6 +291,7 @@ def claimed(study: optuna.Study, below: int | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    tune_recovery.recover(study)  # dead workers on this machine at once; close their MLflow runs
     trials = study.get_trials(deepcopy=False, states=_CLAIMING)
     return sum(1 for t in trials if below is None or t.number < below)
 
@@ -342,6 +343,7 @@ class Objective:
         with tracking.start_run(configs, nested=True, run_name=f"trial-{trial.number}") as run:
             self.run_ids.append(run.info.run_id)
             trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            tune_recovery.mark_worker(trial)
             mlflow.set_tags({STUDY_TAG: self.tune.study_name, NUMBER_TAG: str(trial.number)})
             # Each trial builds a new graph; without this Keras keeps every earlier model alive.
             keras.backend.clear_session()

@@ -187,6 +187,7 @@ def test_prepare_logs_manifest_report_plot_and_dataset(store, prepare_run, small
 
 
 def test_prepare_without_data_or_network_fails_fast_with_one_clear_message(store, python, tmp_path):
+    # No data_dir (a given but missing one fails at once instead: tests/test_data_integrity.py).
     env = {k: v for k, v in os.environ.items() if k != "PNEUMO_DATA_DIR"}
     env.update(
         PYTHONPATH=str(REPO), KAGGLEHUB_CACHE=str(tmp_path / "kagglehub-cache"), MLFLOW_EXPERIMENT_NAME=EXPERIMENT
@@ -194,7 +195,7 @@ def test_prepare_without_data_or_network_fails_fast_with_one_clear_message(store
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     result = subprocess.run(
-        [python, "-m", "entrypoints.prepare", "--data_dir", "/nonexistent", "--cache_dir", ""],
+        [python, "-m", "entrypoints.prepare", "--data_dir", "", "--cache_dir", ""],
         cwd=workdir,
         env=env,
         capture_output=True,

@@ -152,8 +152,10 @@ def test_undecodable_rows_are_skipped_and_labels_stay_aligned(contract, tmp_path
     broken.mkdir(parents=True)
     (broken / "person9_virus_9.jpeg").write_bytes(b"\xff\xd8 not really a jpeg")
     rows = manifest.head(4).copy()
-    rows["path"] = [str((root / p).resolve()) for p in rows["path"]]
-    bad = rows.iloc[[0]].assign(path=str(broken / "person9_virus_9.jpeg"), label=1, sha256="0" * 64)
+    # Manifest paths are relative to data_dir ("/" here, so both folders are inside it).
+    rows["path"] = [str((root / p).resolve().relative_to("/")) for p in rows["path"]]
+    bad_path = (broken / "person9_virus_9.jpeg").resolve().relative_to("/")
+    bad = rows.iloc[[0]].assign(path=str(bad_path), label=1, sha256="0" * 64)
     frame = pd.concat([rows.iloc[:2], bad, rows.iloc[2:]], ignore_index=True)
     with caplog.at_level(logging.WARNING, logger="pneumo.pipeline"):
         result = pipeline.load_split(frame, Path("/"), InputSpec(SIZE, CHANNELS))

@@ -9,6 +9,7 @@ the server must go on answering.
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 
@@ -18,12 +19,15 @@ import pandas as pd
 import pytest
 import requests
 from mlflow.models import Model
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import xray_files as xf
 from helpers import serve_model
 from pneumo import CLASS_NAMES, predict
+from pneumo.limits import MAX_ROWS
 from pneumo.model_io import IMAGE_COLUMN
+from pneumo.synthetic import synthetic_example_base64
 
 pytest_plugins = ["model_fixtures"]
 # Every test here trains (the session's models) and talks to a served model: all slow.
@@ -44,6 +48,35 @@ def split_body(cells: list) -> dict:
 
 def records_body(cells: list) -> dict:
     return {"dataframe_records": [{IMAGE_COLUMN: cell} for cell in cells]}
+
+
+def inputs_body(cells: list) -> dict:
+    return {"inputs": {IMAGE_COLUMN: cells}}
+
+
+def instances_body(cells: list) -> dict:
+    return {"instances": [{IMAGE_COLUMN: cell} for cell in cells]}
+
+
+FORMATS = {"split": split_body, "records": records_body, "inputs": inputs_body, "instances": instances_body}
+PIECE = 24  # no answer or log may hold this many consecutive characters of a request's base64
+
+
+def _strings(body) -> list[str]:
+    if isinstance(body, dict):
+        return [s for value in body.values() for s in _strings(value)]
+    if isinstance(body, list):
+        return [s for value in body for s in _strings(value)]
+    return [body] if isinstance(body, str) else []
+
+
+def assert_no_echo(body, text: str) -> None:
+    """No PIECE-character piece of any long string in the request occurs in ``text``; no traceback."""
+    pieces = {text[i : i + PIECE] for i in range(max(len(text) - PIECE + 1, 0))}
+    for cell in _strings(body):
+        for start in range(0, max(len(cell) - PIECE + 1, 0)):
+            assert cell[start : start + PIECE] not in pieces, f"request data echoed: {cell[start : start + PIECE]!r}"
+    assert "Traceback" not in text and 'File "' not in text and "stack_trace" not in text, text[:2000]
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +197,24 @@ BAD_REQUESTS = {
     "number_not_text": (lambda u: records_body([12345]), ["row 0", "must be base64 text, got int"]),
     "misnamed_column": (
         lambda u: {"dataframe_split": {"columns": ["img"], "data": [[u["image"].iloc[0]]]}},
-        ["missing inputs ['image']", "extra inputs: ['img']"],
+        ["missing column 'image'"],
     ),
-    "missing_column": (lambda u: {"dataframe_records": [{}]}, ["missing inputs ['image']"]),
+    "misnamed_inputs": (lambda u: {"inputs": {"img": [u["image"].iloc[0]]}}, ["missing column 'image'"]),
+    "missing_column": (lambda u: {"dataframe_records": [{}]}, ["missing column 'image'"]),
+    "lab_tiff": (
+        lambda u: split_body([b64(xf.encode(Image.new("LAB", (64, 64)), "TIFF"))]),
+        ["row 0", "accepted: JPEG, PNG or uncompressed DICOM"],
+    ),
+    "dicom_window_width_0": (
+        lambda u: split_body([b64(xf.dicom(xf.noise(64, 64), window=(100, 0)))]),
+        ["row 0", "WindowWidth must be positive"],
+    ),
+    "too_many_rows": (lambda u: split_body([u["image"].iloc[0]] * (MAX_ROWS + 1)), [f"limit of {MAX_ROWS} images"]),
     "malformed_json": (lambda u: '{"dataframe_split": {"columns": ["image"], "data": [["abc"]', ["valid JSON"]),
+    "malformed_json_with_an_image": (
+        lambda u: '{"dataframe_split": {"columns": ["image"], "data": [["' + u["image"].iloc[0] + '"]',
+        ["not valid JSON"],
+    ),
     "unknown_format": (lambda u: {"images": [u["image"].iloc[0]]}, ["dataframe_split", "dataframe_records"]),
 }
 
@@ -175,22 +222,36 @@ BAD_REQUESTS = {
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_input_is_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, unseen, good_cell, case):
     make, expected = BAD_REQUESTS[case]
-    response = server.invoke(make(unseen))
+    body = make(unseen)
+    response = server.invoke(body)
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:2000])
     message = response.json()["message"]
     for text in expected:
         assert text in message, message[:2000]
+    assert_no_echo(body, response.text)
     assert server.process.poll() is None
     assert predictions(server.invoke(split_body([good_cell])))["label"].iloc[0] in CLASS_NAMES
 
 
-def test_mixed_batch_names_every_bad_row(server, good_cell):
-    response = server.invoke(records_body([good_cell, "not*base64", good_cell, b64(xf.tiny_png(1))]))
+@pytest.mark.parametrize("form", list(FORMATS))
+def test_mixed_batch_names_every_bad_row_and_echoes_nothing_in_any_format(server, good_cell, form):
+    body = FORMATS[form]([good_cell, "not*base64" * 10, good_cell, b64(xf.tiny_png(1))])
+    response = server.invoke(body)
     assert response.status_code == 400
     message = response.json()["message"]
-    assert "2 of 4 row(s) are not usable images" in message
+    assert message.startswith("2 of 4 row(s) are not usable images"), message[:2000]
     assert "row 1: 'image' is not valid base64" in message and "row 3: image is 1x1 pixels" in message
     assert "row 0:" not in message and "row 2:" not in message
+    assert_no_echo(body, response.text)
+
+
+def test_server_log_holds_no_request_data(server, unseen, good_cell):
+    sent = [make(unseen) for make, _ in BAD_REQUESTS.values()] + [split_body([good_cell, "not*base64" * 10])]
+    for body in sent:
+        server.invoke(body)
+    log = server.log.read_text(errors="replace")
+    for body in sent:
+        assert_no_echo(body, log)
 
 
 def test_logged_signature_and_input_example_work_over_http(server, models_store, tmp_path):
@@ -198,9 +259,10 @@ def test_logged_signature_and_input_example_work_over_http(server, models_store,
     model = Model.load(str(local))
     assert model.signature.inputs.input_names() == [IMAGE_COLUMN]
     assert model.signature.outputs.input_names() == ["label", "probability", "threshold"]
-    # MLflow's own serving example (a real X-ray) is answered with a class.
+    # MLflow's own serving example is answered with a class, and it is the synthetic image, no patient's.
     example = (local / model.saved_input_example_info["serving_input_path"]).read_text()
     assert predictions(server.invoke(example))["label"].iloc[0] in CLASS_NAMES
+    assert json.loads(example)["dataframe_split"]["data"] == [[synthetic_example_base64()]]
 
 
 def test_predict_command_reports_unreadable_files_and_goes_on(models_store, unseen, tmp_path):

@@ -1,0 +1,112 @@
+"""Tuning under faults: trials of dead workers are failed at once, and their MLflow runs closed.
+
+A worker killed with SIGKILL leaves its Optuna trial RUNNING and its nested MLflow run RUNNING.
+Optuna's heartbeat marks the trial failed only after the grace period (five minutes), and the
+MLflow run stayed RUNNING forever. A worker restarted within the grace period counted the dead
+trial as holding a place, so the study ended one trial short of ``n_trials``.
+
+Here every trial records the worker that runs it (host, process id, process start time). Before
+counting, a worker fails the RUNNING trials of workers *on its own machine* that no longer exist
+(so a restart redoes them at once), and closes, as ``KILLED``, the MLflow run of every failed
+trial that is still RUNNING, with the dead worker's own (parent) ``tune`` run. Workers on other
+machines still rely on Optuna's heartbeat (failed after its grace period, then closed the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+
+WORKER_ATTR = "pneumo_worker"
+RUN_ID_ATTR = "mlflow_run_id"  # the same as pneumo.tune.RUN_ID_ATTR
+STATE_TAG = "optuna.trial_state"
+# MLflow runs this process already closed (each is closed once).
+_closed: set[str] = set()
+
+
+def _start_time(pid: int) -> str | None:
+    """Start time in clock ticks since boot (Linux /proc): tells a reused pid apart. None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised name
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Record which worker process runs ``trial``."""
+    trial.set_user_attr(WORKER_ATTR, _me())
+
+
+def _alive(worker: dict) -> bool:
+    try:
+        pid = int(worker["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True  # exists but not ours, or unknown: leave it to the heartbeat
+    started = _start_time(pid)
+    return started is None or worker.get("started") is None or started == worker["started"]
+
+
+def fail_dead_local_trials(study: optuna.Study) -> int:
+    """Fail RUNNING trials whose worker ran on this machine and is gone. Returns how many."""
+    host = socket.gethostname()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        if not isinstance(worker, dict) or worker.get("host") != host or _alive(worker):
+            continue
+        try:
+            if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                failed += 1
+                log.warning("trial %d: its worker (pid %s) is gone; marked failed", trial.number, worker.get("pid"))
+        except RuntimeError:  # another worker finished or failed it first
+            continue
+    return failed
+
+
+def close_orphaned_runs(study: optuna.Study) -> int:
+    """End, as KILLED, the MLflow runs of failed trials that are still RUNNING. Returns how many."""
+    client = MlflowClient()
+    closed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if not run_id or run_id in _closed:
+            continue
+        try:
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+                client.set_terminated(run_id, "KILLED")
+                closed += 1
+                log.warning("trial %d failed; its MLflow run %s is ended as KILLED", trial.number, run_id)
+                # Its worker is dead (no heartbeat, or no process): so is the worker's own tune run.
+                parent = run.data.tags.get("mlflow.parentRunId")
+                if parent and client.get_run(parent).info.status == "RUNNING":
+                    client.set_terminated(parent, "KILLED")
+                    log.warning("the dead worker's tune run %s is ended as KILLED", parent)
+            _closed.add(run_id)
+        except Exception as error:  # another tracking server, a deleted run: not ours to fix
+            log.info("cannot close MLflow run %s of failed trial %d: %s", run_id, trial.number, error)
+            _closed.add(run_id)
+    return closed
+
+
+def recover(study: optuna.Study) -> None:
+    """Both of the above; called by :func:`pneumo.tune.claimed` before it counts."""
+    fail_dead_local_trials(study)
+    close_orphaned_runs(study)

@@ -1,0 +1,113 @@
+"""Registration races (issue 9 §4): two real processes registering at once, and training overlap.
+
+Two evaluations registering at the same moment both saw no champion and the worse model ended as
+champion. Here the better model scores at once and the worse one slowly, so without
+serialisation the worse one moves the alias last.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pneumo import registry
+from pneumo.data import MANIFEST_FILE
+from pneumo.errors import DataError
+
+NAME = "race-classifier"
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    import mlflow, numpy as np
+    from pneumo import model_io, registry
+    from pneumo.model_io import TrainedModel
+
+    run_id, quality, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    client = mlflow.MlflowClient()
+
+    def load(uri):  # models:/NAME/VERSION -> a stand-in for the model of that version's run
+        version = uri.rsplit("/", 1)[1]
+        return TrainedModel(None, {}, uri, client.get_model_version("NAME", version).run_id)
+
+    model_io.load_trained_model = load
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    GOOD = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])  # AUC 1.0
+    BAD = np.array([0.6, 0.2, 0.8, 0.4, 0.1, 0.7, 0.3, 0.9])  # AUC 0.5
+
+    def score(model):
+        good = client.get_run(model.run_id).data.tags["quality"] == "good"
+        if not good:
+            time.sleep(3)  # the worse model is the slow one: it would move the alias last
+        return labels, GOOD if good else BAD
+
+    while time.time() < start:
+        time.sleep(0.01)
+    with mlflow.start_run(run_name="evaluate-" + quality):
+        candidate = TrainedModel(None, {}, f"runs:/{run_id}/model", run_id)
+        decision = registry.register_evaluated(candidate, "NAME", score, "d")
+    print(decision.alias, decision.version)
+    """
+).replace("NAME", NAME)
+
+
+class _Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+@pytest.mark.slow
+def test_two_processes_registering_at_once_leave_the_better_model_champion(tracking, tmp_path):
+    runs = {}
+    for quality in ("good", "bad"):
+        with mlflow.start_run(tags={"quality": quality}) as run:
+            mlflow.pyfunc.log_model(name="model", python_model=_Constant())
+            runs[quality] = run.info.run_id
+    import time
+
+    start = time.time() + 15  # both import pneumo first, then start together
+    workers = {
+        quality: subprocess.Popen(
+            [sys.executable, "-c", WORKER, run_id, quality, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            text=True,
+        )
+        for quality, run_id in runs.items()
+    }
+    outputs = {quality: worker.communicate(timeout=300) for quality, worker in workers.items()}
+    for quality, worker in workers.items():
+        assert worker.returncode == 0, outputs[quality][1][-3000:]
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(NAME, registry.CHAMPION)
+    assert champion.run_id == runs["good"], {q: o[0] for q, o in outputs.items()}
+    assert outputs["bad"][0].split()[0] == registry.CHALLENGER or champion.version != outputs["bad"][0].split()[1]
+
+
+def test_registration_is_refused_when_validation_images_were_trained_on(tracking):
+    with mlflow.start_run() as run:
+        frame = pd.DataFrame(
+            {
+                "path": ["train/NORMAL/a.jpeg", "train/PNEUMONIA/b.jpeg", "train/NORMAL/c.jpeg"],
+                "label_name": ["NORMAL", "PNEUMONIA", "NORMAL"],
+                "label": [0, 1, 0],
+                "patient_id": ["a", "b", "c"],
+                "split": ["train", "train", "val"],
+                "sha256": ["a" * 64, "b" * 64, "c" * 64],
+                "width": 64,
+                "height": 64,
+                "mode": "L",
+            }
+        )
+        mlflow.log_text(frame.to_csv(index=False), MANIFEST_FILE)
+    registry.check_no_training_overlap({"candidate": run.info.run_id}, ["c" * 64])  # no overlap: no error
+    with pytest.raises(DataError, match=r"not registered: 1 validation image\(s\) were in the training split"):
+        registry.check_no_training_overlap({"candidate": run.info.run_id, "champion v1": None}, ["b" * 64, "c" * 64])

@@ -141,8 +141,13 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
             )
         wall = time.perf_counter() - started
+        # The newest aug_cnn run: an evaluate run started meanwhile in the same store must not be taken.
         run = mlflow.search_runs(
-            search_all_experiments=True, order_by=["start_time DESC"], max_results=1, output_format="list"
+            search_all_experiments=True,
+            filter_string="tags.`pneumo.entry_point` = 'aug_cnn' and attributes.status = 'FINISHED'",
+            order_by=["start_time DESC"],
+            max_results=1,
+            output_format="list",
         )[0]
         scores = score_run(run.info.run_id, cache)
         np.savez(out / "scores" / f"{tag}.npz", **scores)

@@ -29,8 +29,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumo import CLASS_NAMES
 from pneumo.config import DataConfig
-from pneumo.errors import DataError
-from pneumo.preprocessing import ImageError, check_dimensions
+from pneumo.errors import DataError, ImageError
+from pneumo.pixels import check_dimensions
 from pneumo.progress import progress
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ is. Here:
   dataset itself is parsed. Compressed or deflated files are refused with a message saying so
   (convert them to PNG, or to an uncompressed DICOM);
 - rows x columns x samples x bits x frames is checked against the pixel budget
-  (:data:`pneumo.preprocessing.MAX_PIXELS` per frame) and against the pixel data actually present;
+  (:data:`pneumo.pixels.MAX_PIXELS` per frame) and against the pixel data actually present;
 - only the first frame is decoded;
 - the modality LUT (``RescaleSlope``/``RescaleIntercept``) and the VOI window or LUT must be usable
   numbers (``WindowWidth`` > 0), and the result must be finite.
 
-Every failure is an :class:`pneumo.preprocessing.ImageError` whose message never quotes a header
+Every failure is an :class:`pneumo.errors.ImageError` whose message never quotes a header
 value (a header holds patient data).
 """
 
@@ -24,6 +24,9 @@ import io
 import math
 
 import numpy as np
+
+from pneumo.errors import ImageError
+from pneumo.pixels import check_dimensions
 
 ACCEPTED_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",
@@ -36,8 +39,6 @@ _PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3}
 
 def _number(dataset, keyword: str, default=None) -> float:
     """A header value as a finite number (the first of a multi-valued one), or ``default`` when absent."""
-    from pneumo.preprocessing import ImageError
-
     try:
         value = dataset.get(keyword, None)
     except Exception as error:
@@ -60,8 +61,6 @@ def _number(dataset, keyword: str, default=None) -> float:
 def _transfer_syntax(data: bytes) -> str:
     """The transfer syntax UID from the file meta group, read without parsing the dataset."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
-
-    from pneumo.preprocessing import ImageError
 
     try:
         handle = io.BytesIO(data)
@@ -88,8 +87,6 @@ def dicom_to_array(data: bytes, max_pixels: int) -> np.ndarray:
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-
-    from pneumo.preprocessing import ImageError, check_dimensions
 
     syntax = _transfer_syntax(data)
     if syntax not in ACCEPTED_TRANSFER_SYNTAXES:

@@ -1,8 +1,7 @@
 """The project's own error types: failures a user can fix, whose message says what to do.
 
 The command line reports these in one line (see :func:`pneumo.cli.main`); anything else, a bug or
-an error from deep inside Keras or MLflow, keeps its traceback. The decoder's
-:class:`pneumo.preprocessing.ImageError` (also a ``ValueError``) is one of them.
+an error from deep inside Keras or MLflow, keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,3 +17,7 @@ class ConfigError(PneumoError, ValueError):
 
 class DataError(PneumoError, RuntimeError):
     """The data cannot be found, downloaded, read or split."""
+
+
+class ImageError(PneumoError, ValueError):
+    """Bytes that cannot be turned into a model input; the message names the problem, never a header value."""

@@ -15,7 +15,7 @@ Limits (all refused with HTTP 400 and a message naming the limit):
 
 - :data:`MAX_ROWS` images per request;
 - :data:`MAX_CELL_CHARS` characters of base64 per image, :data:`MAX_REQUEST_CHARS` in all;
-- the decoder's pixel budget :data:`pneumo.preprocessing.MAX_PIXELS` per image, read from the
+- the decoder's pixel budget :data:`pneumo.pixels.MAX_PIXELS` per image, read from the
   header before any pixel is decoded.
 """
 

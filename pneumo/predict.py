@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from pneumo import model_io, serving
-from pneumo.preprocessing import ImageError, decode_file
+from pneumo.errors import ImageError
+from pneumo.preprocessing import decode_file
 
 log = logging.getLogger(__name__)
 

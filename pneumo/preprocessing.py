@@ -18,29 +18,13 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumo.errors import PneumoError
-
-# Images above this many pixels are refused before their pixels are decoded: a 2,000 x 2,000
-# X-ray has 4 M pixels, a 43 cm detector at 0.1 mm 18.5 M, a decompression bomb billions. The
-# pixel budget bounds memory: a 16-bit PNG at the limit peaks at about 6 bytes a pixel (150 MB).
-MAX_PIXELS = 25_000_000
-# Smaller than this on either side cannot be a chest X-ray worth classifying.
-MIN_SIDE = 32
+from pneumo.dicom import dicom_to_array
+from pneumo.errors import ImageError
+from pneumo.pixels import MAX_PIXELS, check_dimensions
 
 # What decode_image accepts: these Pillow formats, and DICOM (uncompressed; see pneumo.dicom).
 PIL_FORMATS = ("JPEG", "PNG")
 ACCEPTED_FORMATS = "JPEG, PNG or uncompressed DICOM"
-
-# PIL's own bomb guard raises a DecompressionBombError at twice its limit; align it with ours.
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
-
-class ImageError(PneumoError, ValueError):
-    """Raised when bytes cannot be turned into a model input; the message names the problem.
-
-    A :class:`~pneumo.errors.PneumoError` (the command line reports it in one line) and, as before,
-    a ``ValueError``.
-    """
 
 
 def _is_dicom(data: bytes) -> bool:
@@ -50,21 +34,9 @@ def _is_dicom(data: bytes) -> bool:
 def _dicom_to_array(data: bytes) -> np.ndarray:
     """Decode a DICOM file into a float array with display intensities (bright = dense).
 
-    Only the first frame of an uncompressed file, sized from its header first: see :mod:`pneumo.dicom`.
+    Only the first frame, sized from its header first: see :mod:`pneumo.dicom`.
     """
-    from pneumo.dicom import dicom_to_array
-
     return dicom_to_array(data, MAX_PIXELS)
-
-
-def check_dimensions(width: int, height: int) -> None:
-    """Refuse sizes outside ``MIN_SIDE`` .. ``MAX_PIXELS`` (from the header, before any pixel is decoded)."""
-    if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"image is {width}x{height} pixels, over the {MAX_PIXELS:,}-pixel limit (refused before decoding)"
-        )
-    if min(width, height) < MIN_SIDE:
-        raise ImageError(f"image is {width}x{height} pixels, smaller than {MIN_SIDE} on a side")
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ The pyfunc (logged by :func:`pneumo.model_io.log_model`) carries the ``pneumo`` 
 so ``mlflow models serve`` runs the very decode path training used.
 
 Errors a client can fix (bad base64, a file that is not an image, a decompression bomb, ...)
-raise :class:`mlflow.exceptions.MlflowException` with ``INVALID_PARAMETER_VALUE``, which the
+raise :class:`pneumo.limits.RequestError` (an ``MlflowException``, ``INVALID_PARAMETER_VALUE``), which the
 MLflow scoring server answers with HTTP 400 and the message; the server keeps serving.
 """
 
@@ -19,10 +19,9 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumo import CLASS_NAMES
+from pneumo.errors import ImageError
 from pneumo.limits import RequestError, bound_threads, guard_scoring_server, refuse_safely, strip_base64
 from pneumo.model_io import (
     CONFIG_ARTIFACT,
@@ -32,15 +31,10 @@ from pneumo.model_io import (
     load_keras_model,
     predict_probabilities,
 )
-from pneumo.preprocessing import ImageError, InputSpec, decode_image
+from pneumo.preprocessing import InputSpec, decode_image
 
 # Bad rows listed in one error message; a client sending thousands of bad rows needs only a sample.
 _MAX_LISTED_ERRORS = 10
-
-
-def bad_request(message: str) -> MlflowException:
-    """An exception the scoring server turns into HTTP 400 with ``message`` alone (never the request's data)."""
-    return RequestError(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def decode_base64_image(value: Any, spec: InputSpec) -> np.ndarray:
@@ -111,13 +105,6 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
             MlflowException: (HTTP 400) the column is missing, or rows cannot be decoded; the
                 message names each bad row and its problem.
         """
-        if not isinstance(model_input, pd.DataFrame):
-            raise bad_request(f"expected a DataFrame with an '{IMAGE_COLUMN}' column, got {type(model_input).__name__}")
-        if IMAGE_COLUMN not in model_input.columns:
-            raise bad_request(
-                f"missing column '{IMAGE_COLUMN}' (got {list(map(str, model_input.columns))}); "
-                f"send base64-encoded image files in a column named '{IMAGE_COLUMN}'"
-            )
         spec = InputSpec.from_model_config(self.config)
         images, errors = [], []
         # Every row is decoded before any compute is spent, so one response lists all bad rows.
@@ -129,7 +116,7 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         if errors:
             listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
             more = f"; and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
-            raise bad_request(
+            raise RequestError(
                 f"{len(errors)} of {len(model_input)} row(s) are not usable images, nothing was predicted: "
                 f"{listed}{more}"
             )

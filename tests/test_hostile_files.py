@@ -21,8 +21,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 
 import xray_files as xf
-from pneumo.errors import PneumoError
-from pneumo.preprocessing import ImageError, InputSpec, decode_image
+from pneumo.errors import ImageError, PneumoError
+from pneumo.preprocessing import InputSpec, decode_image
 
 SIZE = 64
 

@@ -13,7 +13,9 @@ from PIL import Image, ImageFile
 
 import xray_files as xf
 from conftest import require_real_data
-from pneumo.preprocessing import MAX_PIXELS, ImageError, InputSpec, decode_image
+from pneumo.errors import ImageError
+from pneumo.pixels import MAX_PIXELS
+from pneumo.preprocessing import InputSpec, decode_image
 from pneumo.serving import decode_base64_image
 
 SIZE = 64

@@ -27,15 +27,15 @@ def score_run(run_id: str, cache_dir: str) -> dict:
     """Probabilities of the run's model on its validation and test images, plus fixed views of them."""
     import numpy as np
 
-    from pneumo import model_io, pipeline, tracking
+    from pneumo import manifests, model_io, pipeline
     from pneumo.augmentation import tta_views
     from pneumo.config import DataConfig
 
     trained = model_io.load_trained_model(f"runs:/{run_id}/model")
-    manifest = tracking.resolve_manifest(DataConfig(manifest=run_id))
-    out = {"threshold": trained.threshold}
+    manifest = manifests.resolve_manifest(DataConfig(manifest=run_id))
+    out = {"threshold": trained.contract.threshold}
     for split in ("val", "test"):
-        images = pipeline.load_split(manifest.split(split), manifest.data_dir, trained.input_spec, cache_dir)
+        images = pipeline.load_split(manifest.split(split), manifest.data_dir, trained.contract.input_spec, cache_dir)
         out[f"{split}_labels"] = images.labels
         out[f"{split}_patients"] = images.frame["patient_id"].to_numpy(str)
         out[f"{split}_paths"] = images.frame["path"].to_numpy(str)

@@ -42,16 +42,23 @@ def log_default_model(folder: Path) -> tuple[str, str]:
     import mlflow
 
     from pneumo import model_io
+    from pneumo.contract import Figures, ModelContract
     from pneumo.models import build_aug_cnn
+    from pneumo.preprocessing import InputSpec
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("bench-serve")
-    keras_path = folder / "model.keras"
-    build_aug_cnn(128, 1).save(keras_path)
-    config = {"entry_point": "aug_cnn", "image_size": 128, "channels": 1, "threshold": 0.5}
+    contract = ModelContract(
+        entry_point="aug_cnn",
+        input_spec=InputSpec(128, 1, equalize="clahe"),
+        threshold=0.5,
+        threshold_rule="fixed at 0.5 (untrained benchmark model)",
+        hyperparameters={},
+        validation=Figures(on="none (untrained benchmark model)", metrics={}),
+    )
     with mlflow.start_run() as run:
-        model_io.log_model(keras_path, config, example_file=None)
+        model_io.log_model(build_aug_cnn(128, 1), contract)
     return uri, f"runs:/{run.info.run_id}/model"
 
 
@@ -65,7 +72,7 @@ def bare_latency_ms(model_uri: str, files: list[Path], repeats: int = 60) -> flo
     times = []
     for i in range(repeats + 5):
         start = time.perf_counter()
-        image = decode_image(blobs[i % len(blobs)], trained.input_spec)
+        image = decode_image(blobs[i % len(blobs)], trained.contract.input_spec)
         predict_probabilities(trained.model, image[None])
         if i >= 5:
             times.append((time.perf_counter() - start) * 1000)

@@ -8,7 +8,7 @@ import mlflow
 
 from pneumo import models, tracking
 from pneumo.config import AugmentConfig, CNNConfig, DataConfig, RunConfigs, TrainConfig
-from pneumo.training import TrainResult, train_model
+from pneumo.training import train_model
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +18,6 @@ def aug_cnn(data: DataConfig, train: TrainConfig, augment: AugmentConfig, cnn: C
     configs = RunConfigs("aug_cnn", data, train, augment, cnn)
     with tracking.start_run(configs) as run:
         result = train_model(configs, lambda: models.build_aug_cnn(data.image_size, data.channels, cnn))
-        log.info("%s", summary(result))
-        mlflow.set_tag("mlflow.note.content", summary(result))
+        log.info("%s", result.summary())
+        mlflow.set_tag("mlflow.note.content", result.summary())
         return run.info.run_id
-
-
-def summary(result: TrainResult) -> str:
-    """One line on the validation result of an aug_cnn model (the run's note)."""
-    metrics = result.val_metrics
-    return (
-        f"Validation ROC AUC {metrics['val_roc_auc']:.4f}; at threshold {result.threshold:.3f}: "
-        f"sensitivity {metrics['val_sensitivity_at_threshold']:.3f}, "
-        f"specificity {metrics['val_specificity_at_threshold']:.3f}."
-    )

@@ -205,10 +205,15 @@ class EvalConfig(_Checked):
     split: Literal["test", "val", "train"] = "test"
     # Decision threshold; a negative value means the one chosen on validation and stored with the model.
     threshold: float = -1.0
-    # Register the model; it becomes "champion" only if its validation ROC AUC beats the current
-    # champion's on this manifest's validation split, else "challenger".
+    # Register the model; it becomes "champion" only if it clears the floors below and its validation
+    # ROC AUC beats the current champion's on this manifest's validation split, else "challenger".
     register: bool = False
     registered_name: str = "pneumonia-classifier"
+    # Promotion floors on the validation split at the model's own threshold: below any of them the
+    # model is registered without an alias, even when there is no champion yet.
+    floor_sensitivity: float = 0.95
+    floor_specificity: float = 0.80
+    floor_roc_auc: float = 0.95
     # Most confident false negatives, and false positives, shown in the Grad-CAM error gallery.
     gallery_size: int = 4
     # Average each image's probability over the fixed test-time views (7 forward passes per image).

@@ -17,9 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -275,14 +273,10 @@ def refit_and_log(
     probabilities, threshold, val_metrics = training.evaluate_validation(
         final.model_, data.val, configs.train.target_sensitivity
     )
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = Path(folder) / "final.keras"
-        final.model_.save(checkpoint)
-        history = final.model_.history.history
-        result = training.TrainResult(
-            final.model_, history, probabilities, threshold, val_metrics, checkpoint, {"cross_validation": summary}
-        )
-        training.log_outputs(configs, result, data)
+    result = training.TrainResult(
+        final.model_, final.model_.history.history, probabilities, threshold, val_metrics, cross_validation=summary
+    )
+    training.log_outputs(configs, result, data)
 
 
 def cv(data: DataConfig, train: TrainConfig, cv_config: CVConfig) -> str:

@@ -18,17 +18,20 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pneumo import CLASS_NAMES, gradcam, metrics, model_io, pipeline, plots, registry, tracking
+from pneumo import CLASS_NAMES, gradcam, manifests, metrics, model_io, pipeline, plots, registry, tracking
 from pneumo.config import DataConfig, EvalConfig, RunConfigs
-from pneumo.data import Manifest, ids_shared_with_training, patient_key
+from pneumo.contract import Figures, Lineage, SiteFigures
+from pneumo.data import Manifest, ids_shared_with_training, patient_key, read_checked
 from pneumo.errors import ConfigError, DataError
 from pneumo.model_io import TrainedModel
-from pneumo.preprocessing import decode_file
+from pneumo.preprocessing import decode_image
 
 log = logging.getLogger(__name__)
 
 EVALUATED_RUN_TAG = "pneumo.evaluated_run_id"
 MODEL_URI_TAG = "pneumo.model_uri"
+# Whether the evaluated images could be checked against the model's training split ("checked", or why not).
+OVERLAP_TAG = "pneumo.training_overlap_check"
 # Side of the gallery images: the originals at a size a reader can see, not the model's input.
 _GALLERY_SIDE = 256
 
@@ -51,11 +54,11 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
         ConfigError: No model to evaluate.
     """
     trained = model_io.load_trained_model(config.model_uri or default_model_uri())
-    threshold = trained.threshold if config.threshold < 0 else float(config.threshold)
+    threshold = trained.contract.threshold if config.threshold < 0 else float(config.threshold)
     with tracking.start_run(RunConfigs("evaluate", data, config)) as run:
         _log_evaluated_model(trained, config)
-        manifest = tracking.resolve_manifest(data)
-        tracking.log_manifest(manifest, context="evaluation")
+        manifest = manifests.resolve_manifest(data)
+        manifests.log_manifest(manifest, context="evaluation")
         predicted = _predict_evaluated_split(trained, manifest, config.split, data.cache_dir, config.tta)
         site_threshold = _site_threshold(predicted, config) if config.calibrate else None  # refuses early
         scores = _log_metrics(trained, predicted, threshold, config.split)
@@ -72,7 +75,8 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
                 config.registered_name,
                 _validation_scorer(trained, predicted, config, manifest, data),
                 manifest.digest,
-                validation_hashes=manifest.split("val")["sha256"],
+                manifest.split("val")["sha256"],
+                registry.Floors(config.floor_sensitivity, config.floor_specificity, config.floor_roc_auc),
             )
         log.info(
             "%s: ROC AUC %.4f; at threshold %.3f sensitivity %.3f, specificity %.3f",
@@ -122,26 +126,27 @@ def predict_split(
     trained: TrainedModel, frame: pd.DataFrame, data_dir: Path, cache_dir: str, tta: bool = False
 ) -> Predictions:
     """Decode manifest rows with the model's input settings and predict them (optionally with TTA)."""
-    images = pipeline.load_split(frame, data_dir, trained.input_spec, cache_dir)
+    images = pipeline.load_split(frame, data_dir, trained.contract.input_spec, cache_dir)
     return Predictions(
         images, model_io.predict_probabilities(trained.model, images.images, tta), len(frame) - len(images.labels)
     )
 
 
 def _model_name(trained: TrainedModel) -> str:
-    return f"{trained.config.get('entry_point', 'model')} ({(trained.run_id or '')[:8]})"
+    return f"{trained.contract.entry_point} ({(trained.run_id or '')[:8]})"
 
 
 def _log_evaluated_model(trained: TrainedModel, config: EvalConfig) -> None:
     """Tag the run with the model evaluated; log the input size and channels actually used."""
     # Params keep the values as given (``mlflow run`` has logged them already); what was
     # actually used is logged next to them.
-    mlflow.log_params({"model_image_size": trained.image_size, "model_channels": trained.channels})
+    spec = trained.contract.input_spec
+    mlflow.log_params({"model_image_size": spec.image_size, "model_channels": spec.channels})
     mlflow.set_tags(
         {
             EVALUATED_RUN_TAG: trained.run_id or "",
             MODEL_URI_TAG: trained.uri,
-            "pneumo.evaluated_entry_point": str(trained.config.get("entry_point", "")),
+            "pneumo.evaluated_entry_point": trained.contract.entry_point,
             "pneumo.threshold_source": "model" if config.threshold < 0 else "parameter",
         }
     )
@@ -178,9 +183,14 @@ def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float
     scores.update(
         {"threshold": threshold, f"n_{split}_images": len(predicted.labels), "n_skipped_images": predicted.n_skipped}
     )
-    overlap = _training_overlap(trained.run_id, predicted.images.frame)
-    if overlap is not None:
+    try:
+        overlap = manifests.training_overlap(trained.run_id, predicted.images.frame["sha256"])
+    except DataError as error:  # recorded, never silent: the figures cannot be vouched for
+        log.warning("the evaluated images cannot be checked against the model's training split: %s", error)
+        mlflow.set_tag(OVERLAP_TAG, f"not checked: {error}")
+    else:
         scores["n_images_seen_in_training"] = overlap
+        mlflow.set_tag(OVERLAP_TAG, "checked")
         if overlap:
             log.warning(
                 "%d of the %d evaluated images were in the model's training split: the metrics are optimistic",
@@ -261,33 +271,47 @@ def _site_threshold(predicted: Predictions, config: EvalConfig) -> float:
 def _register_site_version(
     trained: TrainedModel, predicted: Predictions, threshold: float, config: EvalConfig, manifest: Manifest
 ) -> None:
-    """Log the site-calibrated metrics and register the model again with the site threshold."""
+    """Log the site-calibrated figures and register the model again, with the site threshold, under ``site_alias``."""
     intervals = _log_intervals(predicted, threshold, "site", max(config.bootstrap, 1000))
     tracking.log_metrics({"site_threshold": threshold})
-    details = {
-        "threshold": threshold,
-        "target_sensitivity": config.site_sensitivity,
-        "sample": f"split '{config.split}' of manifest {manifest.digest} in {manifest.data_dir}",
-        "n_images": int(len(predicted.labels)),
-        "n_pneumonia": int(predicted.labels.sum()),
-        "source_model": trained.uri,
-        "source_threshold": trained.threshold,
-        "intervals": {metric: dict(zip(("estimate", "low", "high"), v)) for metric, v in intervals.items()},
-    }
-    example = manifest.data_dir / predicted.images.frame["path"].iloc[0]
-    registry.register_site_version(trained, config.registered_name, config.site_alias, details, example)
-
-
-def _training_overlap(run_id: str | None, frame: pd.DataFrame) -> int | None:
-    """How many evaluated images (by content hash) the model was trained on; None if unknown."""
-    if not run_id:
-        return None
-    try:
-        trained_on = tracking.run_manifest_frame(run_id)
-    except Exception as error:  # another tracking server, or a run without a manifest
-        log.info("cannot check the evaluated images against the training manifest of run %s: %s", run_id, error)
-        return None
-    return int(frame["sha256"].isin(trained_on.loc[trained_on["split"] == "train", "sha256"]).sum())
+    labels, probabilities = predicted.labels, predicted.probabilities
+    groups = patient_key(predicted.images.frame)
+    figures = Figures(
+        on=f"the site sample (split '{config.split}'), in sample: the threshold was fitted to these images",
+        metrics=metrics.binary_metrics(labels, probabilities, threshold),
+        intervals=intervals,
+        n_images=int(len(labels)),
+        n_patients=int(groups.nunique()),
+    )
+    parent_figures = dataclasses.replace(
+        figures,
+        on="the site sample, at the parent's own threshold",
+        metrics=metrics.binary_metrics(labels, probabilities, trained.contract.threshold),
+        intervals={},
+    )
+    contract = trained.contract.derived(
+        threshold=float(threshold),
+        threshold_rule=f"site sample sensitivity >= {config.site_sensitivity}",
+        lineage=Lineage(
+            method="site calibration",
+            parent_uri=trained.uri,
+            parent_version=registry.registered_version(trained.uri),
+            parent_run_id=trained.run_id,
+            site_manifest_digest=manifest.digest,
+        ),
+        site=SiteFigures(
+            target_sensitivity=config.site_sensitivity,
+            n_pneumonia=int(labels.sum()),
+            figures=figures,
+            parent_figures=parent_figures,
+            details={"parent_threshold": trained.contract.threshold},
+        ),
+    )
+    tracking.log_json(
+        {"threshold": threshold, "target_sensitivity": config.site_sensitivity, "figures": dataclasses.asdict(figures)},
+        "site_calibration.json",
+    )
+    registry.register_site_version(trained.model, contract, config.registered_name, config.site_alias)
 
 
 def _log_figures(trained: TrainedModel, predicted: Predictions, threshold: float, split: str, title: str) -> None:
@@ -365,12 +389,13 @@ def error_gallery(
         unavailable, subtitle, heatmaps = str(error), f"no heatmaps: {error}", [None] * len(picked)
     heatmap_of = dict(zip(picked.tolist(), heatmaps))
     # Shown larger and in grey, but cropped and equalised as the model saw it, so heatmaps line up.
-    gallery_spec = dataclasses.replace(trained.input_spec, image_size=_GALLERY_SIDE, channels=1)
-    paths = predicted.images.frame["path"]
+    gallery_spec = dataclasses.replace(trained.contract.input_spec, image_size=_GALLERY_SIDE, channels=1)
+    frame = predicted.images.frame
+    paths = frame["path"]
     tiles = {
         kind: [
             plots.GalleryImage(
-                decode_file(str(data_dir / paths.iloc[i]), gallery_spec)[..., 0],
+                decode_image(read_checked(data_dir, paths.iloc[i], frame["sha256"].iloc[i]), gallery_spec)[..., 0],
                 heatmap_of[i],
                 f"{Path(paths.iloc[i]).name[:26]}\n{kind[:-1]}: p={predicted.probabilities[i]:.3f}",
             )

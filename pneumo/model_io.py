@@ -2,16 +2,15 @@
 
 Training logs every model through :func:`log_model` as an MLflow pyfunc (defined from code in
 ``pyfunc_model.py``, served by :class:`pneumo.serving.PneumoniaClassifier`). It carries the Keras
-model (``.keras``, loaded with ``safe_mode=True``), a ``model_config.json`` (input size, channels,
-operating threshold, every hyperparameter) and the ``pneumo`` package itself. ``evaluate``,
-registration and ``predict`` open it again with :func:`load_trained_model`, and everyone predicts
-with :func:`predict_probabilities`.
+model (``.keras``, loaded with ``safe_mode=True``), its :class:`~pneumo.contract.ModelContract`
+(``model_config.json``: input spec, operating threshold, every hyperparameter, validation figures,
+lineage) and the ``pneumo`` package itself. ``evaluate``, registration, ``adapt`` and ``predict``
+open it again with :func:`load_trained_model`, and everyone predicts with :func:`predict_probabilities`.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -24,9 +23,8 @@ import pandas as pd
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from pneumo.config import json_text
+from pneumo.contract import CONTRACT_FILE, ModelContract, contract_text, read_contract
 from pneumo.errors import ConfigError
-from pneumo.preprocessing import InputSpec
 from pneumo.synthetic import synthetic_example_base64
 
 IMAGE_COLUMN = "image"
@@ -49,6 +47,7 @@ _REQUIREMENTS = (
     "pandas",
     "pillow",
     "pydicom",
+    "opencv-python-headless",
     "mlflow",
 )
 # Images per forward pass: bounds the float32 activations of one call, whatever the request size.
@@ -96,36 +95,43 @@ def predict_probabilities(model, images: np.ndarray, tta: bool = False) -> np.nd
 
 @dataclass
 class TrainedModel:
-    """A logged pneumo model opened for evaluation or batch prediction (no pyfunc wrapper)."""
+    """A logged pneumo model opened for evaluation, adaptation or batch prediction (no pyfunc wrapper).
+
+    Attributes:
+        model: The Keras model.
+        contract: What it was logged with: input spec, threshold, figures, lineage.
+        uri: The URI it was opened from.
+        model_id: MLflow 3 LoggedModel id: ``models:/<model_id>`` names exactly this model.
+    """
 
     model: Any  # keras.Model
-    config: dict[str, Any]
+    contract: ModelContract
     uri: str
-    run_id: str | None = None
-    model_id: str | None = None  # MLflow 3 LoggedModel id: models:/<model_id> names exactly this model
+    model_id: str | None = None
 
     @property
-    def image_size(self) -> int:
-        return int(self.config["image_size"])
+    def run_id(self) -> str | None:
+        """The run that logged the model."""
+        return self.contract.run_id
 
-    @property
-    def channels(self) -> int:
-        return int(self.config["channels"])
 
-    @property
-    def threshold(self) -> float:
-        return float(self.config["threshold"])
+def read_model_contract(model_dir: str | Path) -> ModelContract:
+    """The contract of a downloaded pneumo pyfunc folder.
 
-    @property
-    def input_spec(self) -> InputSpec:
-        return InputSpec.from_model_config(self.config)
+    Raises:
+        ConfigError: The folder is not a pneumo model, or its contract cannot be read.
+    """
+    artifacts = Model.load(str(model_dir)).flavors.get("python_function", {}).get("artifacts", {})
+    if MODEL_ARTIFACT not in artifacts or CONFIG_ARTIFACT not in artifacts:
+        raise ConfigError(f"{model_dir} is not a pneumo model (no '{MODEL_ARTIFACT}'/'{CONFIG_ARTIFACT}' artifacts)")
+    return read_contract((Path(model_dir) / artifacts[CONFIG_ARTIFACT]["path"]).read_text())
 
 
 def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedModel:
-    """Download a logged pneumo pyfunc and open its Keras model and ``model_config``.
+    """Download a logged pneumo pyfunc and open its Keras model and contract.
 
     Unlike ``mlflow.pyfunc.load_model`` this neither puts the model's copy of ``pneumo`` on
-    ``sys.path`` nor wraps the Keras model, so Grad-CAM can reach its layers.
+    ``sys.path`` nor wraps the Keras model, so Grad-CAM and fine-tuning can reach its layers.
 
     Args:
         model_uri: ``runs:/<run>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``
@@ -134,23 +140,22 @@ def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedMo
             fully read into memory, so the files are not needed afterwards).
 
     Returns:
-        The model, its configuration and the URI.
+        The model, its contract and the URI.
 
     Raises:
         MlflowException: The URI cannot be resolved.
-        ConfigError: The URI does not point at a pneumo model.
+        ConfigError: The URI does not point at a pneumo model, or its contract is one this pneumo
+            cannot read (see :func:`pneumo.contract.parse_contract`).
     """
     with tempfile.TemporaryDirectory() as folder:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path or folder))
+        contract = read_model_contract(local)
         mlmodel = Model.load(str(local))
-        artifacts = mlmodel.flavors.get("python_function", {}).get("artifacts", {})
-        if MODEL_ARTIFACT not in artifacts or CONFIG_ARTIFACT not in artifacts:
-            raise ConfigError(
-                f"{model_uri} is not a pneumo model (no '{MODEL_ARTIFACT}'/'{CONFIG_ARTIFACT}' artifacts)"
-            )
-        config = json.loads((local / artifacts[CONFIG_ARTIFACT]["path"]).read_text())
+        artifacts = mlmodel.flavors["python_function"]["artifacts"]
         model = load_keras_model(local / artifacts[MODEL_ARTIFACT]["path"])
-    return TrainedModel(model, config, model_uri, mlmodel.run_id or config.get("run_id"), mlmodel.model_id)
+    if contract.run_id is None and mlmodel.run_id:
+        contract = contract.derived(run_id=mlmodel.run_id)
+    return TrainedModel(model, contract, model_uri, mlmodel.model_id)
 
 
 def pip_requirements() -> list[str]:
@@ -170,22 +175,25 @@ def pip_requirements() -> list[str]:
     return pinned
 
 
-def log_model(keras_path: str | Path, model_config: dict, example_file: str | Path, name: str = "model"):
-    """Log a trained Keras model as the pneumo pyfunc in the active run.
+def log_model(model, contract: ModelContract, name: str = "model"):
+    """Log a Keras model with its contract as the pneumo pyfunc in the active run.
+
+    The input example is a synthetic image (:mod:`pneumo.synthetic`), never a patient's, since it
+    travels with the model.
 
     Args:
-        keras_path: The ``.keras`` file (best checkpoint).
-        model_config: Input size, channels, threshold, class names and hyperparameters.
-        example_file: Unused, kept for callers: the input example is a synthetic image
-            (:mod:`pneumo.synthetic`), never a patient's, since it travels with the model.
+        model: The Keras model to serve (saved here as a ``.keras`` file).
+        contract: What the model is and how to use it (``model_config.json``).
         name: Logged-model name in the run.
 
     Returns:
         MLflow's ``ModelInfo``.
     """
     with tempfile.TemporaryDirectory() as folder:
-        config_path = Path(folder) / "model_config.json"
-        config_path.write_text(json_text(model_config))
+        keras_path = Path(folder) / "model.keras"
+        model.save(keras_path)
+        config_path = Path(folder) / CONTRACT_FILE
+        config_path.write_text(contract_text(contract))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),

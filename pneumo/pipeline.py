@@ -29,7 +29,15 @@ from pneumo.progress import progress
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 # Bump when decode_image changes, so stale disk caches are not reused.
-_DECODER_VERSION = "1"
+_DECODER_VERSION = "2"
+
+
+@dataclass
+class Examples:
+    """Model inputs and their labels: what the pipeline batches (images, or features computed from them)."""
+
+    inputs: np.ndarray  # (n, ...) one input per example
+    labels: np.ndarray  # (n,) int32, 1 = pneumonia
 
 
 @dataclass
@@ -39,6 +47,11 @@ class ImageSet:
     images: np.ndarray  # (n, size, size, channels) uint8
     labels: np.ndarray  # (n,) int32, 1 = pneumonia
     frame: pd.DataFrame  # manifest rows, aligned with images
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """The images, as the pipeline's inputs (see :class:`Examples`)."""
+        return self.images
 
 
 def _decode_all(
@@ -163,7 +176,7 @@ def epoch_indices(labels: np.ndarray, epochs: int, seed: int, balance: bool) -> 
 
 
 def train_dataset(
-    data: ImageSet,
+    data: Examples | ImageSet,
     batch_size: int,
     epochs: int,
     seed: int,
@@ -173,7 +186,7 @@ def train_dataset(
     """Training batches for all epochs, each epoch a fresh (optionally balanced) draw.
 
     Args:
-        data: Cached training images.
+        data: Cached training inputs (images, or features) and labels.
         batch_size: Images per batch.
         epochs: Number of epochs to draw.
         seed: Seed of the draws.
@@ -188,7 +201,7 @@ def train_dataset(
     if steps == 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(orders[0])} training images")
     order = np.concatenate([o[: steps * batch_size] for o in orders]).astype(np.int32)
-    images = tf.constant(data.images)
+    images = tf.constant(data.inputs)
     labels = tf.constant(data.labels.astype(np.float32))
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -202,10 +215,10 @@ def train_dataset(
     return dataset, steps
 
 
-def eval_dataset(data: ImageSet, batch_size: int) -> tf.data.Dataset:
-    """Batches of cached images in manifest order, never augmented."""
+def eval_dataset(data: Examples | ImageSet, batch_size: int) -> tf.data.Dataset:
+    """Batches of cached inputs in manifest order, never augmented."""
     return (
-        tf.data.Dataset.from_tensor_slices((data.images, data.labels.astype(np.float32)))
+        tf.data.Dataset.from_tensor_slices((data.inputs, data.labels.astype(np.float32)))
         .batch(batch_size)
         .map(lambda x, y: (tf.cast(x, tf.float32), y))
         .prefetch(AUTOTUNE)

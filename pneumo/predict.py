@@ -64,30 +64,27 @@ def predict_files(files: list[Path], model_uri: str, batch_size: int = 64) -> pd
         Columns ``file``, ``label``, ``probability``, ``threshold``, ``error`` (empty when predicted).
     """
     trained = model_io.load_trained_model(model_uri)
+    spec = trained.contract.input_spec
     parts = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         images, errors = [], []
         for path in chunk:
             try:
-                images.append(decode_file(str(path), trained.input_spec))
+                images.append(decode_file(str(path), spec))
                 errors.append("")
             except (ImageError, OSError) as error:
                 errors.append(str(error))
                 log.warning("%s: %s", path, error)
         good = [i for i, e in enumerate(errors) if not e]
-        batch = (
-            np.stack(images)
-            if images
-            else np.zeros((0, trained.image_size, trained.image_size, trained.channels), np.uint8)
-        )
-        labelled = serving.label_frame(model_io.predict_probabilities(trained.model, batch), trained.threshold)
+        batch = np.stack(images) if images else np.zeros((0, spec.image_size, spec.image_size, spec.channels), np.uint8)
+        labelled = serving.label_frame(model_io.predict_probabilities(trained.model, batch), trained.contract.threshold)
         part = pd.DataFrame(
             {
                 "file": [str(p) for p in chunk],
                 "label": "",
                 "probability": np.nan,
-                "threshold": trained.threshold,
+                "threshold": trained.contract.threshold,
                 "error": errors,
             }
         )

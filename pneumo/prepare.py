@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pneumo import data as data_lib
-from pneumo import tracking
+from pneumo import manifests, tracking
 from pneumo.config import DataConfig, RunConfigs
 
 
 def prepare(data: DataConfig) -> str:
     """Entry point ``prepare``: write and log the split manifest; returns the run id."""
     with tracking.start_run(RunConfigs("prepare", data)) as run:
-        tracking.log_manifest(data_lib.prepare_manifest(data), context="prepare")
+        manifests.log_manifest(data_lib.prepare_manifest(data), context="prepare")
         return run.info.run_id

@@ -11,10 +11,12 @@ so a served model prepares its input exactly as it was trained.
 from __future__ import annotations
 
 import io
+import typing
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -77,8 +79,13 @@ def _pil_to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
-Equalizer = Literal["none", "hist", "clahe"]
-EQUALIZERS: tuple[str, ...] = ("none", "hist", "clahe")
+# "clahe" is OpenCV's CLAHE; "clahe-pneumo" is the hand-written one models logged before OpenCV's
+# were trained with (contract version 1), kept so that each such model still sees its own input.
+Equalizer = Literal["none", "hist", "clahe", "clahe-pneumo"]
+EQUALIZERS: tuple[str, ...] = typing.get_args(Equalizer)
+# CLAHE settings of both implementations: 8 x 8 tiles, clip at twice the mean bin count.
+CLAHE_GRID = 8
+CLAHE_CLIP = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,10 @@ class InputSpec:
         image_size: Side of the square model input in pixels.
         channels: 1 for grayscale, 3 for RGB.
         crop: Fraction of each side cut away before resizing (burned-in markers, collimator edges).
-        equalize: Intensity equalisation after resizing: ``none``, ``hist`` (global histogram) or
-            ``clahe`` (contrast-limited adaptive histogram equalisation, see :func:`clahe`).
+        equalize: Intensity equalisation after resizing: ``none``, ``hist`` (global histogram),
+            ``clahe`` (OpenCV's contrast-limited adaptive histogram equalisation) or
+            ``clahe-pneumo`` (the hand-written CLAHE of models logged before OpenCV's; see
+            :func:`clahe_pneumo`).
     """
 
     image_size: int
@@ -106,24 +115,14 @@ class InputSpec:
         if self.equalize not in EQUALIZERS:
             raise ValueError(f"equalize must be one of {EQUALIZERS}, got {self.equalize!r}")
 
-    @classmethod
-    def from_model_config(cls, config: dict[str, Any]) -> InputSpec:
-        """The spec a logged model was trained with (models from before crop/equalize get neither)."""
-        return cls(
-            int(config["image_size"]),
-            int(config["channels"]),
-            float(config.get("crop", 0.0)),
-            config.get("equalize", "none"),
-        )
 
-
-def clahe(image: np.ndarray, grid: int = 8, clip_limit: float = 2.0) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation of a 2-D ``uint8`` image.
+def clahe_pneumo(image: np.ndarray, grid: int = CLAHE_GRID, clip_limit: float = CLAHE_CLIP) -> np.ndarray:
+    """The hand-written CLAHE of models logged before OpenCV's (their spec says ``clahe-pneumo``).
 
     Each of ``grid x grid`` tiles gets its own equalising look-up table, with histogram bins
-    clipped at ``clip_limit`` times the mean bin count (the excess spread over all bins, as in
-    OpenCV), and every pixel blends the tables of its four nearest tiles bilinearly. This evens
-    out exposure and detector response between sites without amplifying noise in flat areas.
+    clipped at ``clip_limit`` times the mean bin count and the excess spread evenly over all bins
+    at once (OpenCV redistributes it in steps, hence about 19 grey levels apart on average), and
+    every pixel blends the tables of its four nearest tiles bilinearly.
 
     Args:
         image: 2-D ``uint8`` array, each side at least ``grid`` pixels.
@@ -158,14 +157,24 @@ def clahe(image: np.ndarray, grid: int = 8, clip_limit: float = 2.0) -> np.ndarr
     return np.clip(np.round(top * (1 - wy[:, None]) + bottom * wy[:, None]), 0, 255).astype(np.uint8)
 
 
+def clahe(image: np.ndarray) -> np.ndarray:
+    """OpenCV's CLAHE of a 2-D ``uint8`` image (8 x 8 tiles, clip limit 2): evens out exposure and
+    detector response between sites without amplifying noise in flat areas."""
+    return cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(CLAHE_GRID, CLAHE_GRID)).apply(image)
+
+
+_EQUALIZE_PLANE = {
+    "hist": lambda plane: np.asarray(ImageOps.equalize(Image.fromarray(plane))),
+    "clahe": clahe,
+    "clahe-pneumo": clahe_pneumo,
+}
+
+
 def equalize(array: np.ndarray, method: str) -> np.ndarray:
     """Apply the named intensity equalisation to each channel of a ``uint8`` HxWxC image."""
     if method == "none":
         return array
-    planes = np.moveaxis(array, -1, 0)
-    if method == "hist":
-        return np.stack([np.asarray(ImageOps.equalize(Image.fromarray(p))) for p in planes], axis=-1)
-    return np.stack([clahe(p) for p in planes], axis=-1)
+    return np.stack([_EQUALIZE_PLANE[method](np.ascontiguousarray(p)) for p in np.moveaxis(array, -1, 0)], axis=-1)
 
 
 def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""Model Registry: one registered name, the ``champion`` alias on the best model, ``challenger`` otherwise.
+"""Model Registry: one registered name, ``champion`` on the best model that clears the floors, ``challenger`` otherwise.
 
-Promotion is decided on validation ROC AUC, recomputed for both models on the same validation
-images (so a model evaluated on another manifest cannot win on an easier split). Only aliases
-are used; MLflow's stages are deprecated. :func:`register_evaluated` is the whole of it: the
-lookup, both AUCs, the registration, and what the evaluation run logs about it.
+Promotion is decided on validation figures recomputed for both models on the same validation
+images (so a model evaluated on another manifest cannot win on an easier split): a candidate
+becomes champion only if it clears absolute floors of sensitivity, specificity and ROC AUC at its
+own threshold (even when there is no champion yet) and beats the champion's ROC AUC. Only aliases
+are used; MLflow's stages are deprecated. :func:`register_evaluated` reads as the list of its
+steps; :func:`register_version` is the one place a version is created, aliased and described.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pneumo import metrics, model_io, plots, tracking
+from pneumo import manifests, metrics, plots, tracking
+from pneumo.contract import ModelContract
 from pneumo.errors import DataError
-from pneumo.model_io import TrainedModel
+from pneumo.model_io import TrainedModel, load_trained_model, log_model
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,26 @@ CHALLENGER = "challenger"
 
 # Labels and probabilities of pneumonia of a model on the validation split both models are judged on.
 Scorer = Callable[[TrainedModel], tuple[np.ndarray, np.ndarray]]
+Curve = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Floors:
+    """The least a model must show on validation, at its own threshold, to become champion."""
+
+    sensitivity: float = 0.95
+    specificity: float = 0.80
+    roc_auc: float = 0.95
+
+    def failures(self, figures: dict[str, float]) -> list[str]:
+        """The figures below their floor, in words (an undefined figure fails)."""
+        return [
+            f"validation {name.replace('_', ' ')} {figures[name]:.3f} is below the floor {floor}"
+            if math.isfinite(figures[name])
+            else f"validation {name.replace('_', ' ')} is undefined"
+            for name, floor in asdict(self).items()
+            if not figures[name] >= floor
+        ]
 
 
 @dataclass
@@ -43,7 +66,7 @@ class Decision:
 
     registered_name: str
     version: str
-    alias: str
+    alias: str | None  # None: registered, but refused every alias by the floors
     reason: str
     candidate_val_roc_auc: float
     champion_version: str | None
@@ -66,24 +89,47 @@ def current_champion(name: str) -> ModelVersion | None:
     return client.get_model_version(name, version) if version is not None else None
 
 
-def decide(candidate_auc: float, champion_auc: float | None) -> tuple[str, str]:
+def registered_version(model_uri: str) -> str:
+    """``name/version`` of the registered version a ``models:/`` URI names now; empty for any other URI."""
+    if not model_uri.startswith("models:/"):
+        return ""
+    path = model_uri.removeprefix("models:/").strip("/")
+    client = MlflowClient()
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+    name, _, version = path.rpartition("/")
+    return f"{name}/{version}" if name and version.isdigit() else ""
+
+
+def validation_figures(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity (at ``threshold``) and ROC AUC: what the floors and the comparison read."""
+    figures = metrics.binary_metrics(labels, probabilities, threshold)
+    return {name: figures[name] for name in ("sensitivity", "specificity", "roc_auc")}
+
+
+def decide(candidate: dict[str, float], champion_auc: float | None, floors: Floors) -> tuple[str | None, str]:
     """Alias for a new version, and why.
 
     Args:
-        candidate_auc: Validation ROC AUC of the new model.
-        champion_auc: The current champion's, on the same images; None when there is none.
+        candidate: The new model's :func:`validation_figures`.
+        champion_auc: The current champion's ROC AUC on the same images; None when there is none.
+        floors: The least a champion must show.
 
     Returns:
-        ``(alias, reason)``: ``champion`` only when the candidate is strictly better (or there is
-        no champion yet), else ``challenger``.
+        ``(alias, reason)``: ``None`` when a floor is not met (even with no champion yet),
+        ``champion`` when the candidate is strictly better than the champion (or there is none),
+        else ``challenger``.
     """
-    if not math.isfinite(candidate_auc):
-        return CHALLENGER, "the candidate's validation ROC AUC is undefined"
+    failed = floors.failures(candidate)
+    if failed:
+        return None, "not promoted: " + "; ".join(failed)
+    auc = candidate["roc_auc"]
     if champion_auc is None:
-        return CHAMPION, "there was no champion yet"
-    if candidate_auc > champion_auc:
-        return CHAMPION, f"validation ROC AUC {candidate_auc:.4f} beats the champion's {champion_auc:.4f}"
-    return CHALLENGER, f"validation ROC AUC {candidate_auc:.4f} does not beat the champion's {champion_auc:.4f}"
+        return CHAMPION, f"validation ROC AUC {auc:.4f} clears the floors, and there was no champion yet"
+    if auc > champion_auc:
+        return CHAMPION, f"validation ROC AUC {auc:.4f} beats the champion's {champion_auc:.4f}"
+    return CHALLENGER, f"validation ROC AUC {auc:.4f} does not beat the champion's {champion_auc:.4f}"
 
 
 @contextlib.contextmanager
@@ -106,31 +152,83 @@ def registry_lock(name: str) -> Iterator[None]:
 
 
 def check_no_training_overlap(models: dict[str, str | None], validation_hashes: Iterable[str]) -> None:
-    """Refuse when validation images (by content hash) were in a model's training split.
+    """Refuse when validation images (by content hash) were in a model's training split, or that cannot be checked.
 
     Args:
-        models: Label ("candidate", "champion v3") -> training run id (None: unknown, not checked).
+        models: Label ("candidate", "champion v3") -> training run id.
         validation_hashes: SHA-256 of the validation images both models are judged on.
 
     Raises:
-        DataError: Naming the model, its run and how many validation images it trained on.
+        DataError: Naming the model, its run and how many validation images it trained on, or why
+            its training images cannot be checked (then nothing is registered either: a check
+            that cannot be made must not pass silently).
     """
-    hashes = set(validation_hashes)
+    hashes = list(validation_hashes)
     for label, run_id in models.items():
-        if not run_id:
-            continue
         try:
-            trained_on = tracking.run_manifest_frame(run_id)
-        except Exception as error:  # another tracking server, or a run without a manifest
-            log.warning("cannot check %s (run %s) for training overlap: %s", label, run_id, error)
-            continue
-        overlap = int(trained_on.loc[trained_on["split"] == "train", "sha256"].isin(hashes).sum())
+            overlap = manifests.training_overlap(run_id, hashes)
+        except DataError as error:
+            raise DataError(
+                f"not registered: the {label}'s training images cannot be checked against the validation split "
+                f"({error}); register models whose training run and manifest this tracking store holds"
+            ) from error
         if overlap:
             raise DataError(
                 f"not registered: {overlap} validation image(s) were in the training split of the {label} "
-                f"(run {run_id}), so its validation ROC AUC is optimistic; evaluate with a manifest whose "
+                f"(run {run_id}), so its validation figures are optimistic; evaluate with a manifest whose "
                 "validation split neither model trained on"
             )
+
+
+def _score_champion(
+    name: str, champion: ModelVersion | None, score: Scorer
+) -> tuple[ModelVersion | None, Curve | None]:
+    """The champion and its validation curve, re-read if the alias moved while it was scored (another machine).
+
+    The version read is scored (``models:/NAME/VERSION``, never the alias, which may have moved).
+    """
+    for _ in range(3):
+        curve = score(load_trained_model(f"models:/{name}/{champion.version}")) if champion is not None else None
+        latest = current_champion(name)
+        if getattr(latest, "version", None) == getattr(champion, "version", None):
+            return champion, curve
+        log.warning("the %s alias moved while scoring; comparing again", CHAMPION)
+        champion = latest
+    return champion, score(load_trained_model(f"models:/{name}/{champion.version}")) if champion is not None else None
+
+
+def register_version(model_uri: str, name: str, alias: str | None, description: str, tags: dict[str, str]) -> str:
+    """Register ``model_uri`` as a new version of ``name``, point ``alias`` at it (if any) and describe it.
+
+    Returns:
+        The new version number.
+    """
+    version = mlflow.register_model(model_uri, name, tags=tags).version
+    client = MlflowClient()
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version)
+    client.update_model_version(name, version, description=description)
+    log.info("registered %s version %s%s", name, version, f" as {alias}" if alias else " without an alias")
+    return str(version)
+
+
+def _log_registration(decision: Decision, curves: dict[str, Curve], manifest_digest: str, n_images: int) -> None:
+    """What the evaluation run records about a registration: tags, metrics, ``registration.json``, both ROC curves."""
+    tracking.log_metrics({"registration_candidate_val_roc_auc": decision.candidate_val_roc_auc})
+    if decision.champion_val_roc_auc is not None:
+        tracking.log_metrics({"registration_champion_val_roc_auc": decision.champion_val_roc_auc})
+    mlflow.set_tags(
+        {"pneumo.registered_version": decision.version, "pneumo.alias": decision.alias or "none (below the floors)"}
+    )
+    tracking.log_json(
+        {**decision.as_dict(), "manifest_digest": manifest_digest, "n_val_images": n_images}, "registration.json"
+    )
+    tracking.log_figure(
+        plots.plot_registration(
+            curves, f"Registration: validation ROC\n{decision.alias or 'no alias'}: {decision.reason}"
+        ),
+        "plots/registration_roc.png",
+    )
 
 
 def register_evaluated(
@@ -138,183 +236,97 @@ def register_evaluated(
     name: str,
     score: Scorer,
     manifest_digest: str,
-    validation_hashes: Iterable[str] | None = None,
+    validation_hashes: Iterable[str],
+    floors: Floors,
 ) -> Decision | None:
-    """Register under :func:`registry_lock`; see :func:`_register_evaluated` for the arguments.
+    """Register an evaluated model as a new version of ``name``, alias it as earned, and log why to the active run.
 
-    ``validation_hashes`` (the validation images' SHA-256), when given, are checked against both
-    models' training splits first (:func:`check_no_training_overlap`).
-    """
-    with registry_lock(name):
-        return _register_evaluated(trained, name, score, manifest_digest, validation_hashes)
-
-
-def _register_evaluated(
-    trained: TrainedModel,
-    name: str,
-    score: Scorer,
-    manifest_digest: str,
-    validation_hashes: Iterable[str] | None = None,
-) -> Decision | None:
-    """Register an evaluated model as a new version of ``name`` and set its alias; log why to the active run.
-
-    The candidate's and the current champion's validation ROC AUC are both computed by ``score``
-    (on the same images); ``champion`` moves only to a strictly better model (see :func:`decide`).
-    The run logs ``registration.json``, the two AUCs as metrics, tags ``pneumo.registered_version``
-    and ``pneumo.alias``, and both ROC curves.
+    The steps run under :func:`registry_lock`: read the champion; stop if this model already is
+    it; refuse if either model trained on the validation images (:func:`check_no_training_overlap`);
+    score the candidate and the champion on the same images; :func:`decide`; register; log.
 
     Args:
         trained: The evaluated model.
         name: Registered model name (e.g. ``pneumonia-classifier``).
         score: Predicts the validation split with a model.
         manifest_digest: Digest of the manifest whose validation split is used.
+        validation_hashes: SHA-256 of those validation images.
+        floors: The least a champion must show on them.
 
     Returns:
         The decision, or None when this model (same run) already is the champion.
     """
-    champion = current_champion(name)
-    if champion is not None and trained.run_id and champion.run_id == trained.run_id:
-        log.info(
-            "run %s already is %s@%s (version %s); nothing registered", trained.run_id, name, CHAMPION, champion.version
-        )
-        mlflow.set_tag("pneumo.registration", f"already champion (version {champion.version})")
-        return None
-    if validation_hashes is not None:
-        runs = {"candidate": trained.run_id}
-        if champion is not None:
-            runs[f"champion v{champion.version}"] = champion.run_id
+    with registry_lock(name):
+        champion = current_champion(name)
+        if champion is not None and trained.run_id and champion.run_id == trained.run_id:
+            log.info("run %s already is %s@%s (version %s)", trained.run_id, name, CHAMPION, champion.version)
+            mlflow.set_tag("pneumo.registration", f"already champion (version {champion.version})")
+            return None
+        runs = {"candidate": trained.run_id, **({f"champion v{champion.version}": champion.run_id} if champion else {})}
         check_no_training_overlap(runs, validation_hashes)
-    labels, probabilities = score(trained)
-    candidate_auc = metrics.roc_auc(labels, probabilities)
-    candidate_label = f"candidate ({trained.run_id[:8] if trained.run_id else trained.uri})"
-    curves = {candidate_label: (labels, probabilities)}
-    champion_auc = None
-    for _ in range(3):  # the alias may move while we score (another machine): compare with what holds it
-        curves = {candidate_label: (labels, probabilities)}
-        champion_auc = None
-        if champion is not None:
-            # The version read, not the alias: its AUC must come from the version recorded.
-            champion_curve = score(model_io.load_trained_model(f"models:/{name}/{champion.version}"))
-            champion_auc = metrics.roc_auc(*champion_curve)
+        labels, probabilities = score(trained)
+        candidate = validation_figures(labels, probabilities, trained.contract.threshold)
+        champion, champion_curve = _score_champion(name, champion, score)
+        champion_auc = metrics.roc_auc(*champion_curve) if champion_curve is not None else None
+        alias, reason = decide(candidate, champion_auc, floors)
+        version = register_version(
+            f"models:/{trained.model_id}" if trained.model_id else trained.uri,
+            name,
+            alias,
+            description=f"{alias or 'no alias'}: {reason}.",
+            tags={
+                "val_roc_auc": f"{candidate['roc_auc']:.6f}",
+                "manifest_digest": manifest_digest,
+                "evaluation_run_id": mlflow.active_run().info.run_id,
+            },
+        )
+        decision = Decision(
+            name,
+            version,
+            alias,
+            reason,
+            float(candidate["roc_auc"]),
+            str(champion.version) if champion is not None else None,
+            None if champion_auc is None else float(champion_auc),
+        )
+        curves = {f"candidate ({(trained.run_id or trained.uri)[:8]})": (labels, probabilities)}
+        if champion_curve is not None:
             curves[f"champion v{champion.version}"] = champion_curve
-        latest = current_champion(name)
-        if getattr(latest, "version", None) == getattr(champion, "version", None):
-            break
-        log.warning("the %s alias moved while scoring; comparing again", CHAMPION)
-        champion = latest
-    decision = _register_version(
-        f"models:/{trained.model_id}" if trained.model_id else trained.uri,
-        name,
-        candidate_auc,
-        champion,
-        champion_auc,
-        tags={
-            "val_roc_auc": f"{candidate_auc:.6f}",
-            "manifest_digest": manifest_digest,
-            "evaluation_run_id": mlflow.active_run().info.run_id,
-        },
-    )
-    tracking.log_metrics({"registration_candidate_val_roc_auc": candidate_auc})
-    if champion_auc is not None:
-        tracking.log_metrics({"registration_champion_val_roc_auc": champion_auc})
-    mlflow.set_tags({"pneumo.registered_version": decision.version, "pneumo.alias": decision.alias})
-    tracking.log_json(
-        {**decision.as_dict(), "manifest_digest": manifest_digest, "n_val_images": int(len(labels))},
-        "registration.json",
-    )
-    tracking.log_figure(
-        plots.plot_registration(curves, f"Registration: validation ROC ({decision.alias}: {decision.reason})"),
-        "plots/registration_roc.png",
-    )
-    return decision
+        _log_registration(decision, curves, manifest_digest, int(len(labels)))
+        return decision
 
 
-def _register_version(
-    model_uri: str,
-    name: str,
-    candidate_auc: float,
-    champion: ModelVersion | None,
-    champion_auc: float | None,
-    tags: dict[str, str],
-) -> Decision:
-    """Register ``model_uri`` as a new version of ``name`` and point an alias at it.
+def register_site_version(model, contract: ModelContract, name: str, alias: str) -> str:
+    """Log a site version (site calibration or adaptation) to the active run and register it under ``alias``.
 
-    Args:
-        model_uri: The evaluated model.
-        name: Registered model name (e.g. ``pneumonia-classifier``).
-        candidate_auc: The new model's validation ROC AUC.
-        champion: The current champion version, if any.
-        champion_auc: Its validation ROC AUC on the same images (None without a champion).
-        tags: Tags for the new version (evaluation run, manifest digest, ...).
-
-    Returns:
-        The decision, including the new version number.
-    """
-    alias, reason = decide(candidate_auc, champion_auc if champion is not None else None)
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    client = MlflowClient()
-    client.set_registered_model_alias(name, alias, version.version)
-    client.update_model_version(name, version.version, description=f"{alias}: {reason}.")
-    log.info("registered %s version %s as %s: %s", name, version.version, alias, reason)
-    return Decision(
-        registered_name=name,
-        version=str(version.version),
-        alias=alias,
-        reason=reason,
-        candidate_val_roc_auc=float(candidate_auc),
-        champion_version=str(champion.version) if champion is not None else None,
-        champion_val_roc_auc=None if champion_auc is None else float(champion_auc),
-    )
-
-
-def register_site_version(trained: TrainedModel, name: str, alias: str, details: dict, example_file: Path) -> str:
-    """Register the evaluated model again, carrying a site's own threshold, under ``alias``.
-
-    The Keras weights are the evaluated model's; only ``threshold`` in ``model_config.json`` (and a
-    ``site_calibration`` record) differ. The model is logged to the active (evaluation) run and
-    registered as a new version, so the evaluated version and its aliases stay untouched.
-
-    Args:
-        trained: The evaluated model.
-        name: Registered model name.
-        alias: Alias for the new version (e.g. ``site``).
-        details: The calibration: ``threshold``, target, sample, counts and intervals.
-        example_file: An image file for the logged input example.
+    A new version of ``name``: the parent's version and its aliases stay untouched. The contract
+    carries the site threshold, the lineage and the site figures.
 
     Returns:
         The new version number.
     """
-    config = {**trained.config, "threshold": float(details["threshold"]), "site_calibration": details}
-    with tempfile.TemporaryDirectory() as folder:
-        keras_path = Path(folder) / "model.keras"
-        trained.model.save(keras_path)
-        info = model_io.log_model(keras_path, config, example_file, name="site_model")
-    version = mlflow.register_model(
+    lineage, site = contract.lineage, contract.site
+    info = log_model(model, contract, name="site_model")
+    figures = {name: site.figures.metrics.get(name, math.nan) for name in ("roc_auc", "sensitivity", "specificity")}
+    description = (
+        f"{alias}: {lineage.method} of {lineage.parent_version or lineage.parent_uri} on a site sample of "
+        f"{site.figures.n_images} images ({site.n_pneumonia} pneumonia); threshold {contract.threshold:.4f} "
+        f"({contract.threshold_rule}); on the sample: ROC AUC {figures['roc_auc']:.3f}, "
+        f"sensitivity {figures['sensitivity']:.3f}, specificity {figures['specificity']:.3f} "
+        f"({site.figures.on})."
+    )
+    version = register_version(
         info.model_uri,
         name,
+        alias,
+        description,
         tags={
-            "pneumo.site_threshold": f"{details['threshold']:.6f}",
-            "pneumo.site_target_sensitivity": str(details["target_sensitivity"]),
-            "pneumo.calibrated_from": trained.uri,
-            "evaluation_run_id": mlflow.active_run().info.run_id,
+            "pneumo.site_threshold": f"{contract.threshold:.6f}",
+            "pneumo.site_target_sensitivity": str(site.target_sensitivity),
+            "pneumo.derived_from": lineage.parent_version or lineage.parent_uri,
+            "pneumo.site_manifest_digest": lineage.site_manifest_digest,
+            "source_run_id": mlflow.active_run().info.run_id,
         },
     )
-    client = MlflowClient()
-    client.set_registered_model_alias(name, alias, version.version)
-    client.update_model_version(
-        name,
-        version.version,
-        description=(
-            f"{alias}: {trained.uri} with the threshold {details['threshold']:.4f} chosen for sensitivity "
-            f">= {details['target_sensitivity']} on {details['sample']} ({details['n_pneumonia']} pneumonia "
-            f"of {details['n_images']} images)."
-        ),
-    )
-    mlflow.set_tags({"pneumo.site_version": str(version.version), "pneumo.site_alias": alias})
-    tracking.log_json(
-        {**details, "registered_name": name, "version": str(version.version), "alias": alias}, "site_calibration.json"
-    )
-    log.info(
-        "registered %s version %s as %s with site threshold %.4f", name, version.version, alias, details["threshold"]
-    )
-    return str(version.version)
+    mlflow.set_tags({"pneumo.site_version": version, "pneumo.site_alias": alias})
+    return version

@@ -19,22 +19,20 @@ import numpy as np
 from pneumo import models, tracking
 from pneumo.config import DataConfig, ResNetConfig, RunConfigs, TrainConfig, replace_fields
 from pneumo.errors import ConfigError
-from pneumo.pipeline import ImageSet
+from pneumo.pipeline import Examples, ImageSet
 from pneumo.training import (
     TrainResult,
-    compile_model,
     evaluate_validation,
     fit,
     load_training_data,
     log_outputs,
-    make_optimizer,
     set_up_keras,
 )
 
 log = logging.getLogger(__name__)
 
 
-def extract_features(base: keras.Model, data: ImageSet, batch_size: int = 64) -> ImageSet:
+def extract_features(base: keras.Model, data: ImageSet, batch_size: int = 64) -> Examples:
     """Run the frozen base once over every image; the result indexes like the images did."""
     features = np.concatenate(
         [
@@ -42,7 +40,7 @@ def extract_features(base: keras.Model, data: ImageSet, batch_size: int = 64) ->
             for i in range(0, len(data.images), batch_size)
         ]
     )
-    return ImageSet(features, data.labels, data.frame)
+    return Examples(features, data.labels)
 
 
 def resnet_base(data: DataConfig, config: ResNetConfig) -> keras.Model:
@@ -89,7 +87,7 @@ def resnet(data: DataConfig, train: TrainConfig, resnet_config: ResNetConfig) ->
         train_features, val_features = extract_features(base, images.train), extract_features(base, images.val)
         tracking.log_metrics({"feature_extraction_seconds": time.perf_counter() - started})
 
-        head = models.build_resnet_head(train_features.images.shape[1:], resnet_config)
+        head = models.build_resnet_head(train_features.inputs.shape[1:], resnet_config)
         with tempfile.TemporaryDirectory() as folder:
             head_checkpoint, checkpoint = Path(folder) / "head.keras", Path(folder) / "best.keras"
             history = fit(head, train_features, val_features, train, None, data.seed, head_checkpoint, prefix="head_")
@@ -99,9 +97,6 @@ def resnet(data: DataConfig, train: TrainConfig, resnet_config: ResNetConfig) ->
                     model, images.train, images.val, train, resnet_config, data.seed, checkpoint, len(history["loss"])
                 )
                 history = {k: history[k] + tuned.get(k, []) for k in history}
-            else:
-                compile_model(model, make_optimizer(train, 1))
-                model.save(checkpoint)
             probabilities, threshold, val_metrics = evaluate_validation(model, images.val, train.target_sensitivity)
-            log_outputs(configs, TrainResult(model, history, probabilities, threshold, val_metrics, checkpoint), images)
+            log_outputs(configs, TrainResult(model, history, probabilities, threshold, val_metrics), images)
         return run.info.run_id

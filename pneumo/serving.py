@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pneumo import CLASS_NAMES
+from pneumo.contract import read_contract
 from pneumo.errors import ImageError
 from pneumo.limits import RequestError, bound_threads, guard_scoring_server, refuse_safely, strip_base64
 from pneumo.model_io import (
@@ -82,7 +82,7 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         """Load the Keras model (safe mode) and its configuration from the logged artifacts."""
         guard_scoring_server()  # no answer of the server may echo the request (pneumo.limits)
         bound_threads()  # before the model is loaded: TensorFlow's pools are fixed at its first op
-        self.config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
+        self.contract = read_contract(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         self.model = load_keras_model(context.artifacts[MODEL_ARTIFACT])
 
     # The pd.DataFrame hints silence MLflow's "add type hints" advice without replacing the
@@ -105,7 +105,7 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
             MlflowException: (HTTP 400) the column is missing, or rows cannot be decoded; the
                 message names each bad row and its problem.
         """
-        spec = InputSpec.from_model_config(self.config)
+        spec = self.contract.input_spec
         images, errors = [], []
         # Every row is decoded before any compute is spent, so one response lists all bad rows.
         for row, value in enumerate(model_input[IMAGE_COLUMN]):
@@ -123,4 +123,4 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         side = spec.image_size
         batch = np.stack(images) if images else np.zeros((0, side, side, spec.channels), np.uint8)
         tta = bool((params or {}).get("tta", False))
-        return label_frame(predict_probabilities(self.model, batch, tta), float(self.config["threshold"]))
+        return label_frame(predict_probabilities(self.model, batch, tta), self.contract.threshold)

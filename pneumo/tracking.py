@@ -1,7 +1,6 @@
-"""MLflow plumbing shared by the entry points: runs, tags, metrics, artifacts, and the manifest's records.
+"""MLflow plumbing shared by the entry points: runs, tags, metrics and artifacts.
 
-Making or reading a manifest is :mod:`pneumo.data`'s work; fetching the one a run logged and
-logging one to the active run is done here.
+Manifests in MLflow (logging one, fetching the one a run logged) are :mod:`pneumo.manifests`' work.
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,14 +19,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import name_utils
 
-from pneumo.config import DataConfig, RunConfigs, json_text
-from pneumo.data import MANIFEST_FILE, MANIFEST_META_FILE, Manifest, load_manifest, prepare_manifest, read_manifest
-from pneumo.errors import DataError
+from pneumo.config import RunConfigs, json_text
 from pneumo.experiment import tag_experiment_kind
-from pneumo.plots import plot_class_distribution
 
 log = logging.getLogger(__name__)
-REJECTED_ARTIFACT = "rejected_files.csv"
 ENTRY_POINT_TAG = "pneumo.entry_point"
 
 
@@ -137,84 +130,3 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     0.5 (nothing predicted normal)" or "training loss became NaN" is a finding.
     """
     mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
-
-
-def _log_manifest_input(manifest: Manifest, context: str) -> None:
-    """Record the manifest as an MLflow dataset input (with its digest) of the active run."""
-    with warnings.catch_warnings():  # MLflow's notes on source ambiguity and integer columns
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            manifest.frame,
-            source=str(manifest.data_dir),
-            targets="label",
-            name="chest_xray_manifest",
-            digest=manifest.digest,
-        )
-        try:  # the schema is inferred lazily, here, hence inside the filter
-            mlflow.log_input(dataset, context=context)
-        except MlflowException as error:
-            # Two runs (e.g. parallel tune workers) registering the same new dataset at once: the
-            # loser hits the store's unique key; the dataset now exists, and a retry links to it.
-            if "UNIQUE" not in str(error).upper():
-                raise
-            time.sleep(0.5)
-            mlflow.log_input(dataset, context=context)
-
-
-def log_manifest(manifest: Manifest, context: str) -> None:
-    """Log a manifest to the active run: what every run records about the images it used.
-
-    Always the manifest (``manifest.csv``), its metadata (``manifest_meta.json``, so that this run's
-    id can be the ``manifest`` of later runs) and an MLflow dataset input with its digest. For a
-    manifest made now also the discovery report: ``rejected_files.csv``, the class distribution
-    plot and the counts as metrics.
-
-    Args:
-        manifest: The manifest.
-        context: Dataset-input context: ``prepare``, ``training`` or ``evaluation``.
-    """
-    log_dataframe(manifest.frame, MANIFEST_FILE)
-    log_json(manifest.meta_json(), MANIFEST_META_FILE)
-    if manifest.rejected is not None:
-        log_dataframe(manifest.rejected, REJECTED_ARTIFACT)
-        log_figure(plot_class_distribution(manifest.frame), "plots/class_distribution.png")
-        counts = manifest.frame.groupby(["split", "label_name"]).size()
-        log_metrics({f"n_{split}_{name.lower()}": n for (split, name), n in counts.items()})
-        log_metrics({"n_rejected": len(manifest.rejected)})
-    _log_manifest_input(manifest, context)
-
-
-def _download_manifest(run_id: str, folder: str) -> Path:
-    """Download a run's manifest (and its metadata, when logged) into ``folder``; returns the CSV."""
-    client = MlflowClient()
-    if any(a.path == MANIFEST_META_FILE for a in client.list_artifacts(run_id)):
-        client.download_artifacts(run_id, MANIFEST_META_FILE, folder)
-    return Path(client.download_artifacts(run_id, MANIFEST_FILE, folder))
-
-
-def run_manifest_frame(run_id: str) -> pd.DataFrame:
-    """The rows of the manifest a run logged (only the rows: its data folder need not exist here)."""
-    with tempfile.TemporaryDirectory() as folder:
-        return read_manifest(_download_manifest(run_id, folder))
-
-
-def resolve_manifest(config: DataConfig) -> Manifest:
-    """The manifest ``config.manifest`` names: a CSV path or the id of a run that logged one; empty = make one now.
-
-    Raises:
-        DataError: ``manifest`` is neither, or its data folder cannot be found.
-    """
-    if not config.manifest:
-        return prepare_manifest(config)
-    path = Path(config.manifest).expanduser()
-    if path.is_file():
-        return load_manifest(path, config.data_dir)
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            csv_path = _download_manifest(config.manifest, folder)
-        except Exception as error:
-            raise DataError(
-                f"manifest {config.manifest!r} is neither a CSV file nor the id of a run with a "
-                f"{MANIFEST_FILE} artifact ({error})"
-            ) from error
-        return load_manifest(csv_path, config.data_dir)

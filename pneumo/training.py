@@ -12,21 +12,26 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 import pneumo.distribute as distribute
-from pneumo import CLASS_NAMES, metrics, model_io, pipeline, plots, tracking
+from pneumo import CLASS_NAMES, manifests, metrics, model_io, pipeline, plots, tracking
 from pneumo.augmentation import build_augmenter
 from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, RunConfigs, TrainConfig
+from pneumo.contract import Figures, ModelContract
+from pneumo.data import patient_key
 
 log = logging.getLogger(__name__)
+# Patient-grouped bootstrap resamples behind the validation intervals stored with every model.
+VALIDATION_RESAMPLES = 2000
 
 
 def bf16_supported() -> bool:
@@ -41,9 +46,7 @@ def bf16_supported() -> bool:
 
 
 def set_precision(precision: str) -> str:
-    """Set Keras' global dtype policy; returns the policy name actually used."""
-    if precision not in ("auto", "float32", "mixed_bfloat16"):
-        raise ValueError(f"precision must be 'auto', 'float32' or 'mixed_bfloat16', got {precision!r}")
+    """Set Keras' global dtype policy (``TrainConfig.precision``); returns the policy name actually used."""
     policy = (
         "mixed_bfloat16" if precision == "mixed_bfloat16" or (precision == "auto" and bf16_supported()) else "float32"
     )
@@ -67,8 +70,6 @@ def make_optimizer(
         "rmsprop": lambda: keras.optimizers.RMSprop(rate, **ema),
         "sgd": lambda: keras.optimizers.SGD(rate, momentum=0.9, nesterov=True, **ema),
     }
-    if config.optimizer not in optimizers:
-        raise ValueError(f"optimizer must be one of {sorted(optimizers)}, got {config.optimizer!r}")
     return optimizers[config.optimizer]()
 
 
@@ -103,21 +104,29 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
 @dataclass
 class TrainResult:
-    """What a training run produced."""
+    """What a training run produced: the model with its best weights, and its validation results."""
 
     model: keras.Model
     history: dict[str, list[float]]
     val_probabilities: np.ndarray  # aligned with the validation ImageSet's labels
     threshold: float  # chosen on validation for the target sensitivity
     val_metrics: dict[str, float]  # val_* at the threshold and at 0.5
-    checkpoint: Path
-    extra: dict[str, Any] = field(default_factory=dict)
+    cross_validation: dict[str, float] | None = None  # cv's fold summary, stored in the contract
+
+    def summary(self) -> str:
+        """One line on the validation result (the run's note)."""
+        metrics = self.val_metrics
+        return (
+            f"Validation ROC AUC {metrics['val_roc_auc']:.4f}; at threshold {self.threshold:.3f}: "
+            f"sensitivity {metrics['val_sensitivity_at_threshold']:.3f}, "
+            f"specificity {metrics['val_specificity_at_threshold']:.3f}."
+        )
 
 
 def fit(
     model: keras.Model,
-    train_set: pipeline.ImageSet,
-    val_set: pipeline.ImageSet,
+    train_set: pipeline.Examples | pipeline.ImageSet,
+    val_set: pipeline.Examples | pipeline.ImageSet,
     config: TrainConfig,
     augment: AugmentConfig | None,
     seed: int,
@@ -126,7 +135,7 @@ def fit(
     step_offset: int = 0,
     prefix: str = "",
 ) -> dict[str, list[float]]:
-    """Compile and fit ``model``; the best epoch's weights are restored and saved to ``checkpoint``.
+    """Compile and fit ``model``; the best epoch's weights are saved to ``checkpoint`` and left in ``model``.
 
     Also logs the wall time, epochs run and training throughput (metric names start with ``prefix``).
 
@@ -160,6 +169,8 @@ def fit(
         validation_data=pipeline.eval_dataset(val_set, config.batch_size * 2),
         callbacks=callbacks,
         class_weight=class_weight,
+        # The batches are already shuffled (and balanced) per epoch by the pipeline.
+        shuffle=False,
         verbose=2,
     )
     seconds = time.perf_counter() - started
@@ -171,9 +182,9 @@ def fit(
             f"{prefix}train_images_per_second": steps * config.batch_size * epochs_run / max(seconds, 1e-9),
         }
     )
-    if not checkpoint.is_file():  # no epoch improved on the first: keep the final weights
-        model.save(checkpoint)
-    elif config.ema:  # fit() ends by writing the *last* average into the model: take the best one
+    # The best epoch's weights: with EMA, fit() ends by writing the *last* average into the model.
+    # No checkpoint means no epoch improved on the first (a NaN monitor): the final weights stay.
+    if checkpoint.is_file():
         model.load_weights(checkpoint)
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
@@ -200,15 +211,11 @@ class TrainingData:
     train: pipeline.ImageSet
     val: pipeline.ImageSet
 
-    def example_file(self) -> Path:
-        """A real image file (the first validation image): the logged model's input example."""
-        return self.data_dir / self.val.frame["path"].iloc[0]
-
 
 def load_training_data(config: DataConfig) -> TrainingData:
     """Resolve the manifest, log it to the active run, and decode the train and validation images."""
-    manifest = tracking.resolve_manifest(config)
-    tracking.log_manifest(manifest, context="training")
+    manifest = manifests.resolve_manifest(config)
+    manifests.log_manifest(manifest, context="training")
     train, val = (
         pipeline.load_split(manifest.split(split), manifest.data_dir, config.input_spec, config.cache_dir)
         for split in ("train", "val")
@@ -229,8 +236,24 @@ def set_up_keras(seed: int, precision: str) -> str:
     return policy
 
 
-def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) -> None:
-    """Log validation metrics, curves, confusion matrices, threshold, predictions and the served model."""
+def validation_figures(labels: np.ndarray, probabilities: np.ndarray, threshold: float, frame: pd.DataFrame) -> Figures:
+    """The validation figures stored in the contract: metrics at the threshold, patient-grouped 95% intervals."""
+    groups = patient_key(frame).to_numpy(str)
+    return Figures(
+        on="validation split of the training hospital (patient-grouped)",
+        metrics=metrics.binary_metrics(labels, probabilities, threshold),
+        intervals=metrics.bootstrap_intervals(labels, probabilities, threshold, groups, VALIDATION_RESAMPLES),
+        n_images=int(len(labels)),
+        n_patients=int(len(set(groups))),
+    )
+
+
+def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) -> ModelContract:
+    """Log validation metrics, curves, confusion matrices, threshold, predictions and the served model.
+
+    Returns:
+        The contract logged with the model.
+    """
     labels, probabilities, threshold = data.val.labels, result.val_probabilities, result.threshold
     tracking.log_metrics({**result.val_metrics, "threshold": threshold})
     if result.history:
@@ -247,30 +270,25 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
         },
         "confusion_matrix_val.json",
     )
-    tracking.log_json(
-        {
-            "threshold": threshold,
-            "target_sensitivity": configs.train.target_sensitivity,
-            "chosen_on": "validation split (patient-grouped)",
-        },
-        "threshold.json",
-    )
+    rule = f"validation sensitivity >= {configs.train.target_sensitivity}"
+    tracking.log_json({"threshold": threshold, "rule": rule}, "threshold.json")
     predictions = data.val.frame[["path", "patient_id", "label"]].assign(probability=probabilities)
     tracking.log_dataframe(predictions, "val_predictions.csv")
-    model_config = {
-        "entry_point": configs.entry_point,
-        "image_size": configs.data.image_size,
-        "channels": configs.data.channels,
-        "crop": configs.data.crop,
-        "equalize": configs.data.equalize,
-        "threshold": threshold,
-        "class_names": list(CLASS_NAMES),
-        "val_metrics": result.val_metrics,
-        "run_id": mlflow.active_run().info.run_id,
-        "config": configs.as_dict(),
-        **result.extra,
-    }
-    model_io.log_model(result.checkpoint, model_config, data.example_file())
+    figures = validation_figures(labels, probabilities, threshold, data.val.frame)
+    for metric, (_, low, high) in figures.intervals.items():
+        tracking.log_metrics({f"val_{metric}_ci_low": low, f"val_{metric}_ci_high": high})
+    contract = ModelContract(
+        entry_point=configs.entry_point,
+        input_spec=configs.data.input_spec,
+        threshold=float(threshold),
+        threshold_rule=rule,
+        hyperparameters=configs.as_dict(),
+        validation=figures,
+        run_id=mlflow.active_run().info.run_id,
+        cross_validation=result.cross_validation,
+    )
+    model_io.log_model(result.model, contract)
+    return contract
 
 
 def log_augmentation_grid(train_set: pipeline.ImageSet, augment: AugmentConfig, seed: int, count: int = 16) -> None:
@@ -320,13 +338,19 @@ def train_model(
     if not tuning_trial:
         mlflow.log_params({"replicas": strategy.num_replicas_in_sync, "global_batch_size": train.batch_size})
     with tempfile.TemporaryDirectory() as folder, strategy.scope():  # variables made in scope are mirrored
-        checkpoint = Path(folder) / "best.keras"
         model = build()
         history = fit(
-            model, data.train, data.val, train, configs.augment, configs.data.seed, checkpoint, extra_callbacks
+            model,
+            data.train,
+            data.val,
+            train,
+            configs.augment,
+            configs.data.seed,
+            Path(folder) / "best.keras",
+            extra_callbacks,
         )
         probabilities, threshold, val_metrics = evaluate_validation(model, data.val, configs.train.target_sensitivity)
-        result = TrainResult(model, history, probabilities, threshold, val_metrics, checkpoint)
+        result = TrainResult(model, history, probabilities, threshold, val_metrics)
         if not tuning_trial:
             log_outputs(configs, result, data)
     return result

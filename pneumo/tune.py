@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 from sklearn.metrics import log_loss
 
-from pneumo import aug_cnn, models, plots, tracking, tune_recovery
+from pneumo import models, plots, tracking, tune_recovery
 from pneumo.config import (
     HIGHER_IS_BETTER,
     AugmentConfig,
@@ -472,7 +472,7 @@ def retrain(
         mlflow.set_tag(
             "mlflow.note.content",
             f"aug_cnn retrained with the best parameters of Optuna study {tune.study_name!r} "
-            f"(trial {best.number}). {aug_cnn.summary(result)}",
+            f"(trial {best.number}). {result.summary()}",
         )
         return run.info.run_id
 

@@ -275,16 +275,17 @@ def _assert_training_run(store, run_id: str, entry_point: str, overrides: dict, 
 
 def _assert_served_model(run_id: str, data_dir: Path, predictions: pd.DataFrame, image_size: int) -> None:
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    config = model.unwrap_python_model().config
-    assert (config["image_size"], config["channels"], config["class_names"]) == (image_size, 3, list(CLASS_NAMES))
-    assert config["run_id"] == run_id
+    contract = model.unwrap_python_model().contract
+    spec = contract.input_spec
+    assert (spec.image_size, spec.channels, contract.class_names) == (image_size, 3, CLASS_NAMES)
+    assert contract.run_id == run_id
     rows = predictions.head(6)
     images = [base64.b64encode((data_dir / p).read_bytes()).decode("ascii") for p in rows["path"]]
     served = model.predict(pd.DataFrame({"image": images}))
     assert served["probability"].between(0, 1).all()
     assert set(served["label"]) <= set(CLASS_NAMES)
-    assert (served["threshold"] == config["threshold"]).all()
-    assert (served["label"] == [CLASS_NAMES[int(p >= config["threshold"])] for p in served["probability"]]).all()
+    assert (served["threshold"] == contract.threshold).all()
+    assert (served["label"] == [CLASS_NAMES[int(p >= contract.threshold)] for p in served["probability"]]).all()
     # The served decode path reproduces the probabilities computed at training time.
     np.testing.assert_allclose(served["probability"], rows["probability"], atol=2e-3)
 

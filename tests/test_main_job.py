@@ -14,14 +14,16 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import artifacts, cached_set, read_json, run_project
+from helpers import artifacts, cached_set, read_json, read_text, run_project
 from pneumo import training
 from pneumo.augmentation import build_augmenter
-from pneumo.config import AugmentConfig, CNNConfig, DataConfig, ResNetConfig
+from pneumo.config import AugmentConfig, CNNConfig, DataConfig, ResNetConfig, TrainConfig
+from pneumo.contract import CONTRACT_VERSION, read_contract
+from pneumo.errors import ConfigError
+from pneumo.manifests import resolve_manifest
 from pneumo.model_io import encode_file, predict_probabilities
 from pneumo.models import build_aug_cnn, build_resnet_base, build_resnet_head, stack_resnet, unfreeze_top_block
 from pneumo.pipeline import train_dataset
-from pneumo.tracking import resolve_manifest
 
 EPOCHS = 2
 
@@ -105,9 +107,14 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     assert manifest.data_dir == small_data.resolve() and len(manifest.frame) == int(
         run.data.metrics["n_train_images"] + run.data.metrics["n_val_images"]
     )
-    config = read_json(client.download_artifacts(run_id, "model/artifacts/model_config.json"))
-    assert config["image_size"] == 64 and config["channels"] == 1
-    assert config["config"]["augment"]["rotation"] == 12.0
+    contract = read_contract(read_text(client.download_artifacts(run_id, "model/artifacts/model_config.json")))
+    assert (contract.input_spec.image_size, contract.input_spec.channels) == (64, 1)
+    assert contract.hyperparameters["augment"]["rotation"] == 12.0
+    assert contract.version == CONTRACT_VERSION and contract.threshold == pytest.approx(threshold["threshold"])
+    # The validation figures travel with the model, with patient-grouped intervals around them.
+    low, high = contract.validation.intervals["roc_auc"][1:]
+    assert low <= contract.validation.metrics["roc_auc"] <= high
+    assert contract.validation.metrics["roc_auc"] == pytest.approx(run.data.metrics["val_roc_auc"])
 
 
 @pytest.mark.slow
@@ -202,7 +209,8 @@ def test_precision_policy_follows_the_hardware(monkeypatch):
         assert training.set_precision("auto") == "mixed_bfloat16"
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
         assert training.set_precision("float32") == "float32"
-        with pytest.raises(ValueError, match="precision"):
-            training.set_precision("float16")
+        # Choices are checked once, by the config, before anything runs.
+        with pytest.raises(ConfigError, match="precision"):
+            TrainConfig(precision="float16")
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -83,8 +83,10 @@ class DataConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.crop < 0.5:
-            raise ConfigError(f"crop must be in [0, 0.5), got {self.crop}")
+        try:  # the spec checks its own fields (crop's range), once
+            _ = self.input_spec
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
     @property
     def input_spec(self) -> InputSpec:
@@ -323,11 +325,14 @@ class RunConfigs:
     Args:
         entry_point: The run's entry point (tag ``pneumo.entry_point``; titles; the model config).
         *configs: Its config dataclasses, at most one of each type.
+        name: The run's name, given by entry points that are not training runs (their own
+            :func:`run_name`); None: the training description of :meth:`describe`.
     """
 
-    def __init__(self, entry_point: str, *configs: Any):
+    def __init__(self, entry_point: str, *configs: Any, name: str | None = None):
         self.entry_point = entry_point
         self.configs = configs
+        self.name = name
         self._by_type = {type(config): config for config in configs}
         if len(self._by_type) != len(configs):
             raise ValueError(f"more than one config of a type in {[type(c).__name__ for c in configs]}")
@@ -352,6 +357,27 @@ class RunConfigs:
     def params(self) -> dict[str, Any]:
         """Every field, flat, as MLflow params."""
         return flatten(*self.configs)
+
+    def describe(self) -> str:
+        """A run name that says what the run is: the given ``name``, else ``aug_cnn-128px-lr0.001-16ep``.
+
+        Training runs are described by their input size, learning rate and epochs (and folds for
+        ``cv``); a smoke run's ``limit_per_class`` is always appended.
+        """
+        params = self.params()
+        if self.name is not None:
+            parts = [self.name]
+        else:
+            parts = [
+                self.entry_point,
+                f"{params['image_size']}px",
+                f"lr{params['learning_rate']:g}",
+                f"{params['epochs']}ep",
+            ]
+            parts += [f"{params['folds']}folds"] if "folds" in params else []
+        if params.get("limit_per_class"):
+            parts.append(f"limit{params['limit_per_class']}")
+        return "-".join(str(part) for part in parts)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """``{config name: fields}``, as saved with the model."""

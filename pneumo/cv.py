@@ -245,7 +245,12 @@ def log_folds(folds: Folds, images: pipeline.ImageSet) -> dict[str, float]:
     )
     tracking.log_json({"folds": folds.report(), "summary": summary}, "cv_folds.json")
     tracking.log_figure(
-        plots.plot_folds([e.model_.history.history for e in folds.fitted], folds.scores), "plots/cv_folds.png"
+        plots.plot_folds(
+            [e.model_.history.history for e in folds.fitted],
+            folds.scores,
+            "cv: patient-grouped stratified k-fold of the L2 dense baseline",
+        ),
+        "plots/cv_folds.png",
     )
     tracking.log_figure(
         plots.plot_confusion_matrix(folds.y, folds.out_of_fold, 0.5, "cv: pooled out-of-fold"),

@@ -55,7 +55,7 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
     """
     trained = model_io.load_trained_model(config.model_uri or default_model_uri())
     threshold = trained.contract.threshold if config.threshold < 0 else float(config.threshold)
-    with tracking.start_run(RunConfigs("evaluate", data, config)) as run:
+    with tracking.start_run(RunConfigs("evaluate", data, config, name=run_name(config))) as run:
         _log_evaluated_model(trained, config)
         manifest = manifests.resolve_manifest(data)
         manifests.log_manifest(manifest, context="evaluation")
@@ -87,6 +87,13 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
             scores[f"{config.split}_specificity_at_threshold"],
         )
         return run.info.run_id
+
+
+def run_name(config: EvalConfig) -> str:
+    """``evaluate-test-models:/pneumonia-classifier@champion[-register]``: the split and the model evaluated."""
+    return "-".join(
+        ["evaluate", config.split, config.model_uri or "latest-aug_cnn", *(["register"] if config.register else [])]
+    )
 
 
 def default_model_uri() -> str:

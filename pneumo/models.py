@@ -86,11 +86,10 @@ def build_notebook_cnn(image_size: int = 64, channels: int = 3) -> keras.Model:
 
 
 def _normalization(kind: str) -> layers.Layer:
+    """The input normalisation ``CNNConfig.normalization`` names (the config checked the choice)."""
     if kind == "per_image":
         return PerImageStandardization(name="per_image_standardization")
-    if kind == "rescale":
-        return layers.Rescaling(1.0 / 255.0, name="rescale")
-    raise ValueError(f"normalization must be 'per_image' or 'rescale', got {kind!r}")
+    return layers.Rescaling(1.0 / 255.0, name="rescale")
 
 
 def _conv_bn_relu(x: keras.KerasTensor, filters: int, kernel: int = 3, strides: int = 1) -> keras.KerasTensor:
@@ -165,12 +164,8 @@ def build_resnet_head(feature_shape: tuple[int, ...], config: ResNetConfig | Non
     """Classifier head on ResNet50 features: pooling or Flatten, Dense 256 ReLU, dropout, sigmoid."""
     config = config or ResNetConfig()
     inputs = keras.Input(shape=feature_shape, name="features")
-    if config.pooling == "avg":
-        x = layers.GlobalAveragePooling2D()(inputs)
-    elif config.pooling == "flatten":
-        x = layers.Flatten()(inputs)
-    else:
-        raise ValueError(f"pooling must be 'avg' or 'flatten', got {config.pooling!r}")
+    # ResNetConfig checked the choice: "avg" or "flatten".
+    x = layers.GlobalAveragePooling2D()(inputs) if config.pooling == "avg" else layers.Flatten()(inputs)
     x = layers.Dense(256, activation="relu")(x)
     x = layers.Dropout(config.dropout)(x)
     return keras.Model(inputs, _sigmoid_output(x), name="resnet_head")

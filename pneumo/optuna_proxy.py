@@ -18,7 +18,7 @@ import logging
 
 import optuna
 
-from pneumo.tune import GRPC_PREFIX, JOURNAL_PREFIX, open_storage
+from pneumo.tuning import GRPC_PREFIX, JOURNAL_PREFIX, open_storage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.storage.startswith((JOURNAL_PREFIX, GRPC_PREFIX)):
         parser.error("the proxy serves a database (Optuna's proxy does not support journal storage)")
-    # get_storage adds Optuna's in-process cache, which the proxy needs to be fast.
-    storage = optuna.storages.get_storage(open_storage(args.storage))
-    optuna.storages.run_grpc_proxy_server(storage, host=args.host, port=args.port)
+    # open_storage returns Optuna's cached wrapper, which the proxy needs to be fast.
+    optuna.storages.run_grpc_proxy_server(open_storage(args.storage), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

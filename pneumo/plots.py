@@ -268,8 +268,8 @@ def plot_error_gallery(
     return figure
 
 
-def plot_folds(histories: list[dict[str, list[float]]], scores: dict[str, np.ndarray]) -> plt.Figure:
-    """Per-fold training loss and accuracy by epoch, and each fold's held-out scores."""
+def plot_folds(histories: list[dict[str, list[float]]], scores: dict[str, np.ndarray], title: str) -> plt.Figure:
+    """Per-fold training loss and accuracy by epoch, and each fold's held-out scores, under ``title``."""
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for number, history in enumerate(histories, start=1):
         epochs = np.arange(1, len(history["loss"]) + 1)
@@ -289,7 +289,7 @@ def plot_folds(histories: list[dict[str, list[float]]], scores: dict[str, np.nda
     axes[2].set_ylim(0, 1)
     axes[2].set_title("held-out fold scores")
     axes[2].legend(fontsize=7, loc="lower right")
-    figure.suptitle("cv: patient-grouped stratified k-fold of the L2 dense baseline")
+    figure.suptitle(title)
     figure.tight_layout()
     return figure
 

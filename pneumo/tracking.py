@@ -27,7 +27,11 @@ ENTRY_POINT_TAG = "pneumo.entry_point"
 
 
 def _is_generated_name(name: str | None) -> bool:
-    """Whether ``name`` is empty or one MLflow made up (``unequaled-grub-968``), not one the user chose."""
+    """Whether ``name`` is empty or one MLflow made up (``unequaled-grub-968``), not one the user chose.
+
+    MLflow has no public way to tell its made-up names apart, so this reads its word lists
+    (``mlflow.utils.name_utils``, private); a test pinned to MLflow's version fails when they move.
+    """
     if not name:
         return True
     parts = name.split("-")
@@ -37,29 +41,6 @@ def _is_generated_name(name: str | None) -> bool:
         and parts[1] in name_utils._GENERATOR_NOUNS
         and parts[2].isdigit()
     )
-
-
-def describe_run(configs: RunConfigs) -> str:
-    """A run name that says what the run is: its entry point and key parameters.
-
-    E.g. ``aug_cnn-128px-lr0.001-16ep``, ``tune-aug_cnn-30trials-12ep``,
-    ``evaluate-test-models:/pneumonia-classifier@champion``.
-    """
-    params = configs.params()
-    entry_point = configs.entry_point
-    if entry_point == "prepare":
-        parts = [entry_point, f"val{params['val_fraction']:g}"]
-    elif entry_point == "evaluate":
-        parts = [entry_point, params["split"], params["model_uri"] or "latest-aug_cnn"]
-        parts += ["register"] if params["register"] else []
-    elif entry_point == "tune":
-        parts = [entry_point, params["study_name"], f"{params['n_trials']}trials", f"{params['epochs']}ep"]
-    else:
-        parts = [entry_point, f"{params['image_size']}px", f"lr{params['learning_rate']:g}", f"{params['epochs']}ep"]
-        parts += [f"{params['folds']}folds"] if "folds" in params else []
-    if params.get("limit_per_class"):
-        parts.append(f"limit{params['limit_per_class']}")
-    return "-".join(str(part) for part in parts)
 
 
 def _system_metrics(nested: bool) -> bool | None:
@@ -83,14 +64,14 @@ def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = 
         configs: The run's configs: every field is logged as a param; the entry point is stored in
             the ``pneumo.entry_point`` tag.
         nested: Start a child run of the active run.
-        run_name: Display name; defaults to :func:`describe_run` (also replacing the random name
+        run_name: Display name; defaults to :meth:`RunConfigs.describe` (also replacing the random name
             ``mlflow run`` gives, but not one the user chose with ``--run-name``).
     """
     client = MlflowClient()
     if run_name is None:
         resumed = os.environ.get("MLFLOW_RUN_ID") if not nested and mlflow.active_run() is None else None
         current = client.get_run(resumed).info.run_name if resumed else None
-        run_name = describe_run(configs) if _is_generated_name(current) else current
+        run_name = configs.describe() if _is_generated_name(current) else current
     with mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=_system_metrics(nested)) as run:
         try:
             tag_experiment_kind(client, client.get_experiment(run.info.experiment_id))

@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 log = logging.getLogger(__name__)
 
 WORKER_ATTR = "pneumo_worker"
-RUN_ID_ATTR = "mlflow_run_id"  # the same as pneumo.tune.RUN_ID_ATTR
+# The trial's user attribute naming its MLflow run, and the run tag holding the trial's state.
+RUN_ID_ATTR = "mlflow_run_id"
 STATE_TAG = "optuna.trial_state"
 # MLflow runs this process already closed (each is closed once).
 _closed: set[str] = set()
@@ -62,16 +63,23 @@ def _alive(worker: dict) -> bool:
     return started is None or worker.get("started") is None or started == worker["started"]
 
 
-def fail_dead_local_trials(study: optuna.Study) -> int:
-    """Fail RUNNING trials whose worker ran on this machine and is gone. Returns how many."""
+def fail_dead_local_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
+    """Fail RUNNING trials whose worker ran on this machine and is gone. Returns how many.
+
+    Args:
+        study: The study.
+        storage: Its storage (the study's own is private to Optuna; the opener keeps this one).
+    """
     host = socket.gethostname()
     failed = 0
+    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR)
         if not isinstance(worker, dict) or worker.get("host") != host or _alive(worker):
             continue
         try:
-            if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 failed += 1
                 log.warning("trial %d: its worker (pid %s) is gone; marked failed", trial.number, worker.get("pid"))
         except RuntimeError:  # another worker finished or failed it first
@@ -106,7 +114,7 @@ def close_orphaned_runs(study: optuna.Study) -> int:
     return closed
 
 
-def recover(study: optuna.Study) -> None:
-    """Both of the above; called by :func:`pneumo.tune.claimed` before it counts."""
-    fail_dead_local_trials(study)
+def recover(study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Both of the above; called by :func:`pneumo.tuning.claimed` before it counts."""
+    fail_dead_local_trials(study, storage)
     close_orphaned_runs(study)

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 from helpers import artifacts, read_json, read_text, run_project
 from pneumo.config import TuneConfig
 from pneumo.errors import ConfigError
-from pneumo.tune import log_study_summary, masked, open_storage, open_study, suggest
+from pneumo.tune import log_study_summary, suggest
+from pneumo.tuning import masked, open_storage, open_study
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -167,7 +168,7 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(repo, tr
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_study_summary_handles_small_studies(tracking, tmp_path):
     tune = TuneConfig(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="small")
-    study = open_study(tune, seed=3)
+    study = open_study(tune, 3, open_storage(tune.storage))
     pruned = study.ask()
     suggest(pruned, tune)
     pruned.report(0.55, step=0)
@@ -203,19 +204,22 @@ def test_study_summary_handles_small_studies(tracking, tmp_path):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_seeding_is_per_trial_and_studies_keep_their_direction(tmp_path):
     tune = TuneConfig(storage=f"sqlite:///{tmp_path / 'a.db'}", study_name="s")
-    first, resumed = open_study(tune, seed=5), open_study(tune, seed=5)
+    first, resumed = (open_study(tune, 5, open_storage(tune.storage)) for _ in range(2))
     a, b = suggest(first.ask(), tune), suggest(resumed.ask(), tune)
     assert a != b  # the second process continues the search instead of replaying it
-    elsewhere = open_study(TuneConfig(storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="s"), seed=5)
+    other = TuneConfig(storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="s")
+    elsewhere = open_study(other, 5, open_storage(other.storage))
     assert suggest(elsewhere.ask(), tune) == a  # trial 0 of a seeded study is reproducible
 
     with pytest.raises(ValueError, match="maximize"):
-        open_study(TuneConfig(storage=tune.storage, study_name="s", objective="val_loss"), seed=5)
+        open_study(
+            TuneConfig(storage=tune.storage, study_name="s", objective="val_loss"), 5, open_storage(tune.storage)
+        )
     assert "secret" not in masked("postgresql://optuna:secret@db.example.org/studies")
 
 
 def _ask_and_tell(storage: str, value: float) -> None:
-    study = open_study(TuneConfig(storage=storage, study_name="shared"), seed=1)
+    study = open_study(TuneConfig(storage=storage, study_name="shared"), 1, open_storage(storage))
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
     study.tell(trial, value)

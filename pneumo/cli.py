@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pneumo.config import (
+    AdaptConfig,
     AugmentConfig,
     CNNConfig,
     CVConfig,
@@ -66,6 +67,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     ),
     "evaluate": EntryPoint((DataConfig, EvalConfig)),
     "tune": EntryPoint((DataConfig, TrainConfig, AugmentConfig, CNNConfig, TuneConfig)),
+    "adapt": EntryPoint((DataConfig, AdaptConfig)),
 }
 
 

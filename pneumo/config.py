@@ -311,6 +311,61 @@ class TuneConfig(_Checked):
         return sizes
 
 
+@dataclass
+class AdaptConfig(_Checked):
+    """Site adaptation: fine-tune a registered model on a hospital's own labelled images (``adapt``)."""
+
+    # The model to adapt (its input spec, weights and threshold are the starting point).
+    model_uri: str = "models:/pneumonia-classifier@champion"
+    # The hospital's labelled sample: a folder holding NORMAL/ and PNEUMONIA/ (only read). Any
+    # format and size the decoder accepts (JPEG, PNG, DICOM).
+    site_dir: str = ""
+    # Sensitivity the site threshold must reach, chosen on out-of-fold scores of the sample.
+    site_sensitivity: float = 0.98
+    # Patient-grouped, stratified folds of the cross-fitting that scores every site image out of fold.
+    folds: int = 5
+    # "fine_tune": train the weights on the site's labels; "batchnorm": only re-estimate the
+    # BatchNorm statistics on the site's images (no labels touch the weights; a baseline).
+    method: Literal["fine_tune", "batchnorm"] = "fine_tune"
+    # Fine-tuning: epochs over the (class-balanced) site images, Adam learning rate, batch size.
+    epochs: int = 8
+    learning_rate: float = 1e-4
+    batch_size: int = 16
+    # Which layers train: "all", or "top" (the last convolutional stage and the classifier only).
+    train_layers: Literal["all", "top"] = "all"
+    # Augmentation of the site images while fine-tuning: rotation (degrees), shift and zoom (fractions).
+    rotation: float = 5.0
+    shift: float = 0.05
+    zoom: float = 0.1
+    # Share of original training images mixed into every epoch against forgetting, relative to the
+    # number of site images (0.5: half as many); they come from the parent's own training split.
+    rehearsal: float = 0.0
+    # Fine-tune with an exponential moving average of the weights (momentum 0.99).
+    ema: bool = False
+    # Serve the average of the fold models and the final model (folds + 1 forward passes per image).
+    ensemble: bool = False
+    # Also log out-of-fold ROC AUC and specificity against the number of site images (25, 50, 100%).
+    learning_curve: bool = False
+    # Patient-grouped bootstrap resamples behind the 95% intervals.
+    bootstrap: int = 2000
+    # Register the adapted model as a new version of registered_name under alias; the parent and
+    # its aliases stay untouched.
+    register: bool = True
+    alias: str = "site"
+    registered_name: str = "pneumonia-classifier"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.site_sensitivity < 1.0:
+            raise ConfigError(f"site_sensitivity must be in (0, 1), got {self.site_sensitivity}")
+        if self.folds < 2:
+            raise ConfigError(f"folds must be at least 2, got {self.folds}")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ConfigError("epochs and batch_size must be at least 1 and learning_rate positive")
+        if self.rehearsal < 0:
+            raise ConfigError(f"rehearsal must not be negative, got {self.rehearsal}")
+
+
 def config_name(config: Any) -> str:
     """The name a config goes by in ``model_config.json``: ``TrainConfig`` -> ``train``."""
     return type(config).__name__.removesuffix("Config").lower()
@@ -516,6 +571,7 @@ def replace_across(changes: dict[str, Any], *configs: Any) -> tuple[Any, ...]:
 
 
 __all__ = [
+    "AdaptConfig",
     "AugmentConfig",
     "CNNConfig",
     "CVConfig",

@@ -228,7 +228,7 @@ def _inspect(path: Path) -> tuple[dict | None, str | None]:
     }, None
 
 
-def discover(data_dir: Path, workers: int = 4) -> Discovery:
+def discover(data_dir: Path, workers: int = 4, folders: dict[str, str] | None = None) -> Discovery:
     """List every file under ``{train,val,test}/{NORMAL,PNEUMONIA}`` and check that it decodes.
 
     Corrupt, truncated, hidden and non-image files are never fatal: they go to ``rejected``.
@@ -236,14 +236,16 @@ def discover(data_dir: Path, workers: int = 4) -> Discovery:
     Args:
         data_dir: Folder in the Kaggle layout.
         workers: Threads used to hash and decode.
+        folders: Source split -> the folder under ``data_dir`` holding its ``NORMAL/`` and
+            ``PNEUMONIA/``; None is the Kaggle layout (``train``, ``val``, ``test``).
 
     Returns:
-        The usable images (with the Kaggle folder in column ``source_split``) and the rejects.
+        The usable images (with the source split in column ``source_split``) and the rejects.
     """
     entries = []
-    for source_split in SPLITS:
+    for source_split, folder_name in (folders or {split: split for split in SPLITS}).items():
         for label, label_name in enumerate(CLASS_NAMES):
-            folder = data_dir / source_split / label_name
+            folder = data_dir / folder_name / label_name
             if folder.is_dir():
                 entries += [(source_split, label, label_name, p) for p in sorted(folder.iterdir()) if p.is_file()]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -484,6 +486,36 @@ def prepare_manifest(config: DataConfig) -> Manifest:
     manifest = Manifest(frame, data_dir, meta, found.rejected)
     log.info("manifest %s: %s; %d file(s) rejected", manifest.digest, meta["counts"], meta["rejected"])
     return manifest
+
+
+def site_manifest(site_dir: str) -> Manifest:
+    """Discover a hospital's labelled sample, a folder holding ``NORMAL/`` and ``PNEUMONIA/``, as prepare does.
+
+    The same checks as :func:`prepare_manifest` (every file hashed and decoded, unusable ones
+    reported in ``rejected``, patient ids from the file names); the folder is only read. Its
+    images form the manifest's ``test`` split: a local sample, never the training hospital's.
+
+    Raises:
+        DataError: The folder does not exist, lacks a class folder, or holds no usable image.
+    """
+    path = Path(site_dir).expanduser().resolve()
+    if not site_dir or not path.is_dir():
+        raise DataError(f"site_dir {site_dir!r} is not a folder; give a folder holding NORMAL/ and PNEUMONIA/")
+    missing = [name for name in CLASS_NAMES if not (path / name).is_dir()]
+    if missing:
+        raise DataError(f"site_dir {path} lacks {', '.join(f'{name}/' for name in missing)}")
+    found = discover(path, folders={"test": ""})
+    if found.images.empty:
+        raise DataError(f"site_dir {path} holds no usable image ({len(found.rejected)} file(s) rejected)")
+    frame = found.images.assign(split="test")[MANIFEST_COLUMNS].sort_values("path").reset_index(drop=True)
+    counts = frame.groupby("label_name").size()
+    meta = {
+        "layout": "site",
+        "counts": {f"site/{name}": int(n) for name, n in counts.items()},
+        "rejected": len(found.rejected),
+        "patients": {"site": int(patient_key(frame).nunique())},
+    }
+    return Manifest(frame, path, meta, found.rejected)
 
 
 def load_manifest(path: str | Path, data_dir: str = "") -> Manifest:

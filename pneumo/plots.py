@@ -218,6 +218,47 @@ def plot_registration(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: s
     return figure
 
 
+def plot_scores_by_class(
+    labels: np.ndarray, scores: dict[str, np.ndarray], thresholds: dict[str, float], title: str
+) -> plt.Figure:
+    """Histograms of each model's probabilities, normal and pneumonia apart, with its threshold marked."""
+    figure, axes = plt.subplots(1, len(scores), figsize=(5.0 * len(scores), 3.8), sharey=True, squeeze=False)
+    for axis, (name, values) in zip(axes[0], scores.items()):
+        for label, colour in ((0, "#4c72b0"), (1, "#dd8452")):
+            axis.hist(
+                values[labels == label], bins=25, range=(0, 1), alpha=0.6, color=colour, label=DISPLAY_NAMES[label]
+            )
+        axis.axvline(thresholds[name], color="crimson", linestyle="--", label=f"threshold {thresholds[name]:.3f}")
+        axis.set_title(name)
+        axis.set_xlabel("probability of pneumonia")
+        axis.legend(fontsize=8)
+    axes[0][0].set_ylabel("images")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_learning_curve(points: list[dict], target_sensitivity: float) -> plt.Figure:
+    """Out-of-fold ROC AUC and specificity at the target sensitivity against the number of site images."""
+    figure, axis = plt.subplots(figsize=(6.0, 4.2))
+    n = [point["n_images"] for point in points]
+    axis.plot(n, [point["oof_roc_auc"] for point in points], marker="o", label="out-of-fold ROC AUC")
+    axis.plot(
+        n,
+        [point["oof_specificity_at_sensitivity"] for point in points],
+        marker="s",
+        label=f"out-of-fold specificity at sensitivity >= {target_sensitivity}",
+    )
+    axis.set_xlabel("labelled site images")
+    axis.set_ylabel("figure")
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    axis.set_title("How many images to label: adapt's learning curve")
+    figure.tight_layout()
+    return figure
+
+
 @dataclass
 class GalleryImage:
     """One tile of the error gallery."""

@@ -27,17 +27,22 @@ WORKER = textwrap.dedent(
     """
     import sys, time
     import mlflow, numpy as np
-    from pneumo import model_io, registry
+    from pneumo import registry
+    from pneumo.contract import Figures, ModelContract
     from pneumo.model_io import TrainedModel
+    from pneumo.preprocessing import InputSpec
 
     run_id, quality, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
     client = mlflow.MlflowClient()
 
-    def load(uri):  # models:/NAME/VERSION -> a stand-in for the model of that version's run
-        version = uri.rsplit("/", 1)[1]
-        return TrainedModel(None, {}, uri, client.get_model_version("NAME", version).run_id)
+    def stand_in(uri, run):  # a model of that run, without weights: only its run and threshold are read
+        contract = ModelContract("aug_cnn", InputSpec(32, 1), 0.5, "fixed", {}, Figures("none", {}), run_id=run)
+        return TrainedModel(None, contract, uri)
 
-    model_io.load_trained_model = load
+    def load(uri):  # models:/NAME/VERSION -> the stand-in of that version's run
+        return stand_in(uri, client.get_model_version("NAME", uri.rsplit("/", 1)[1]).run_id)
+
+    registry.load_trained_model = load
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     GOOD = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])  # AUC 1.0
     BAD = np.array([0.6, 0.2, 0.8, 0.4, 0.1, 0.7, 0.3, 0.9])  # AUC 0.5
@@ -51,8 +56,8 @@ WORKER = textwrap.dedent(
     while time.time() < start:
         time.sleep(0.01)
     with mlflow.start_run(run_name="evaluate-" + quality):
-        candidate = TrainedModel(None, {}, f"runs:/{run_id}/model", run_id)
-        decision = registry.register_evaluated(candidate, "NAME", score, "d")
+        candidate = stand_in(f"runs:/{run_id}/model", run_id)
+        decision = registry.register_evaluated(candidate, "NAME", score, "d", ["v" * 64], registry.Floors())
     print(decision.alias, decision.version)
     """
 ).replace("NAME", NAME)

@@ -102,6 +102,10 @@ def test_dense_model_gets_a_gallery_without_heatmaps_and_a_given_threshold(model
         assert min(image.size) > 200
 
 
+# The floors are tested on their own below; these tests are about the comparison.
+NO_FLOORS = {"floor_sensitivity": 0.0, "floor_specificity": 0.0, "floor_roc_auc": 0.0}
+
+
 @pytest.mark.slow
 def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path):
     client = MlflowClient()
@@ -113,11 +117,13 @@ def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path)
     worst, middle, best = sorted(auc, key=auc.get)
     assert auc[worst] < auc[best], auc  # a barely trained dense net and a learned CNN must differ
 
-    first = mlflow.get_run(evaluate_model(models_store, model_uri=models_store.model_uri(worst), register=True))
+    first = mlflow.get_run(
+        evaluate_model(models_store, model_uri=models_store.model_uri(worst), register=True, **NO_FLOORS)
+    )
     assert first.data.tags["pneumo.alias"] == "champion"
     assert client.get_registered_model(REGISTERED).aliases == {"champion": 1}
 
-    better = evaluate_model(models_store, model_uri=models_store.model_uri(best), register=True)
+    better = evaluate_model(models_store, model_uri=models_store.model_uri(best), register=True, **NO_FLOORS)
     decision = read_json(artifact(better, "registration.json", tmp_path))
     assert decision["alias"] == "champion" and decision["version"] == "2" and decision["champion_version"] == "1"
     # Both AUCs recomputed on this manifest's validation split: equal to what training measured.
@@ -126,7 +132,9 @@ def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path)
     assert client.get_registered_model(REGISTERED).aliases == {"champion": 2}
 
     # Evaluated on train (so the validation AUC is computed separately): not better, so challenger.
-    worse_id = evaluate_model(models_store, model_uri=models_store.model_uri(middle), register=True, split="train")
+    worse_id = evaluate_model(
+        models_store, model_uri=models_store.model_uri(middle), register=True, split="train", **NO_FLOORS
+    )
     worse = mlflow.get_run(worse_id)
     assert worse.data.tags["pneumo.alias"] == "challenger"
     assert worse.data.metrics["registration_candidate_val_roc_auc"] == pytest.approx(auc[middle], abs=1e-6)
@@ -141,9 +149,28 @@ def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path)
         assert min(image.size) > 200
 
     # The champion itself evaluated again: nothing new registered.
-    again = mlflow.get_run(evaluate_model(models_store, model_uri=f"models:/{REGISTERED}@champion", register=True))
+    again = mlflow.get_run(
+        evaluate_model(models_store, model_uri=f"models:/{REGISTERED}@champion", register=True, **NO_FLOORS)
+    )
     assert again.data.tags["pneumo.registration"] == "already champion (version 2)"
     assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == 3
+
+
+@pytest.mark.slow
+def test_the_floors_refuse_a_weak_model_even_without_a_champion(models_store, tmp_path):
+    name = "pneumonia-classifier-floor-test"
+    run_id = evaluate_model(
+        models_store, model_uri=models_store.model_uri(models_store.dense), registered_name=name, register=True
+    )
+    decision = read_json(artifact(run_id, "registration.json", tmp_path))
+    # Registered, so it can be inspected, but holding no alias: there was no champion, yet it is not one.
+    assert decision["alias"] is None and decision["champion_version"] is None
+    assert decision["reason"].startswith("not promoted: validation ")
+    assert "is below the floor" in decision["reason"]
+    assert MlflowClient().get_registered_model(name).aliases == {}
+    version = MlflowClient().get_model_version(name, decision["version"])
+    assert version.run_id == models_store.dense and "not promoted" in version.description
+    assert mlflow.get_run(run_id).data.tags["pneumo.alias"] == "none (below the floors)"
 
 
 @pytest.mark.slow

@@ -161,7 +161,9 @@ def test_calibration_refuses_a_sample_with_too_few_positives(models_store):
 def test_site_version_carries_its_threshold_and_leaves_the_original_untouched(models_store, tmp_path):
     name = "site-calibrated"
     client = MlflowClient()
-    _evaluate(models_store, register=True, registered_name=name)
+    _evaluate(
+        models_store, register=True, registered_name=name, floor_sensitivity=0, floor_specificity=0, floor_roc_auc=0
+    )
     original = client.get_model_version_by_alias(name, "champion")
     run_id = _evaluate(models_store, split="train", calibrate=True, site_sensitivity=0.9, registered_name=name)
     metrics = mlflow.get_run(run_id).data.metrics

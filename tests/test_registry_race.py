@@ -57,7 +57,8 @@ WORKER = textwrap.dedent(
         time.sleep(0.01)
     with mlflow.start_run(run_name="evaluate-" + quality):
         candidate = stand_in(f"runs:/{run_id}/model", run_id)
-        decision = registry.register_evaluated(candidate, "NAME", score, "d", ["v" * 64], registry.Floors())
+        # No floors: the race, not the floors, must keep the worse model from the champion alias.
+        decision = registry.register_evaluated(candidate, "NAME", score, "d", ["v" * 64], registry.Floors(0, 0, 0))
     print(decision.alias, decision.version)
     """
 ).replace("NAME", NAME)
@@ -74,6 +75,7 @@ def test_two_processes_registering_at_once_leave_the_better_model_champion(track
     for quality in ("good", "bad"):
         with mlflow.start_run(tags={"quality": quality}) as run:
             mlflow.pyfunc.log_model(name="model", python_model=_Constant())
+            mlflow.log_text(_manifest().to_csv(index=False), MANIFEST_FILE)  # trained on none of "v" * 64
             runs[quality] = run.info.run_id
     import time
 
@@ -97,22 +99,33 @@ def test_two_processes_registering_at_once_leave_the_better_model_champion(track
     assert outputs["bad"][0].split()[0] == registry.CHALLENGER or champion.version != outputs["bad"][0].split()[1]
 
 
-def test_registration_is_refused_when_validation_images_were_trained_on(tracking):
+def _manifest() -> pd.DataFrame:
+    """A manifest whose training split holds images a and b, and validation image c."""
+    return pd.DataFrame(
+        {
+            "path": ["train/NORMAL/a.jpeg", "train/PNEUMONIA/b.jpeg", "train/NORMAL/c.jpeg"],
+            "label_name": ["NORMAL", "PNEUMONIA", "NORMAL"],
+            "label": [0, 1, 0],
+            "patient_id": ["a", "b", "c"],
+            "split": ["train", "train", "val"],
+            "sha256": ["a" * 64, "b" * 64, "c" * 64],
+            "width": 64,
+            "height": 64,
+            "mode": "L",
+        }
+    )
+
+
+def test_registration_is_refused_when_validation_images_were_trained_on_or_that_cannot_be_checked(tracking):
     with mlflow.start_run() as run:
-        frame = pd.DataFrame(
-            {
-                "path": ["train/NORMAL/a.jpeg", "train/PNEUMONIA/b.jpeg", "train/NORMAL/c.jpeg"],
-                "label_name": ["NORMAL", "PNEUMONIA", "NORMAL"],
-                "label": [0, 1, 0],
-                "patient_id": ["a", "b", "c"],
-                "split": ["train", "train", "val"],
-                "sha256": ["a" * 64, "b" * 64, "c" * 64],
-                "width": 64,
-                "height": 64,
-                "mode": "L",
-            }
-        )
-        mlflow.log_text(frame.to_csv(index=False), MANIFEST_FILE)
+        mlflow.log_text(_manifest().to_csv(index=False), MANIFEST_FILE)
+    with mlflow.start_run() as bare:  # a run that logged no manifest
+        pass
     registry.check_no_training_overlap({"candidate": run.info.run_id}, ["c" * 64])  # no overlap: no error
     with pytest.raises(DataError, match=r"not registered: 1 validation image\(s\) were in the training split"):
-        registry.check_no_training_overlap({"candidate": run.info.run_id, "champion v1": None}, ["b" * 64, "c" * 64])
+        registry.check_no_training_overlap({"candidate": run.info.run_id}, ["b" * 64, "c" * 64])
+    # A check that cannot be made fails loudly: an unknown run, or one without a manifest.
+    with pytest.raises(DataError, match=r"champion v1's training images cannot be checked.*no training run"):
+        registry.check_no_training_overlap({"candidate": run.info.run_id, "champion v1": None}, ["c" * 64])
+    with pytest.raises(DataError, match=r"candidate's training images cannot be checked.*manifest of run"):
+        registry.check_no_training_overlap({"candidate": bare.info.run_id}, ["c" * 64])

@@ -47,27 +47,68 @@ _NOTEBOOK = {
 }
 
 
+# Input-spec fields: a trained model's own spec wins, so entry points that take a model hide them.
+_MODEL_INPUT = frozenset({"image_size", "channels", "crop", "equalize"})
+
+
 @dataclass(frozen=True)
 class EntryPoint:
-    """An entry point's parameters: config types in call order, and defaults replacing theirs."""
+    """An entry point's parameters: config types in call order, defaults replacing theirs, and a description.
 
+    Attributes:
+        description: The one line ``--help`` starts with (kept here, so ``--help`` imports no TensorFlow).
+        configs: Config types, in the order the function takes them.
+        defaults: Defaults replacing the dataclasses' for this entry point.
+        hidden: Fields it does not use: neither flags nor MLproject parameters.
+    """
+
+    description: str
     configs: tuple[type, ...]
     defaults: dict[str, Any] = field(default_factory=dict)
+    hidden: frozenset[str] = frozenset()
 
 
 # Entry point X is the function X of module pneumo.X (e.g. pneumo.resnet.resnet).
 ENTRY_POINTS: dict[str, EntryPoint] = {
-    "prepare": EntryPoint((DataConfig,)),
-    "baseline": EntryPoint((DataConfig, TrainConfig, DenseConfig), dict(_NOTEBOOK)),
-    "cv": EntryPoint((DataConfig, TrainConfig, CVConfig), {**_NOTEBOOK, "epochs": 20}),
-    "cnn": EntryPoint((DataConfig, TrainConfig), dict(_NOTEBOOK)),
-    "aug_cnn": EntryPoint((DataConfig, TrainConfig, AugmentConfig, CNNConfig)),
-    "resnet": EntryPoint(
-        (DataConfig, TrainConfig, ResNetConfig), {"image_size": 160, "channels": 3, "epochs": 15, "learning_rate": 1e-3}
+    "prepare": EntryPoint(
+        "Discover, validate and split the images into a logged manifest (no file is touched).",
+        (DataConfig,),
+        hidden=_MODEL_INPUT,
     ),
-    "evaluate": EntryPoint((DataConfig, EvalConfig)),
-    "tune": EntryPoint((DataConfig, TrainConfig, AugmentConfig, CNNConfig, TuneConfig)),
-    "adapt": EntryPoint((DataConfig, AdaptConfig)),
+    "baseline": EntryPoint(
+        "The notebook's dense network on oversampled training data.",
+        (DataConfig, TrainConfig, DenseConfig),
+        dict(_NOTEBOOK),
+    ),
+    "cv": EntryPoint(
+        "Patient-grouped, stratified k-fold cross-validation of the L2 dense net in SciKeras.",
+        (DataConfig, TrainConfig, CVConfig),
+        {**_NOTEBOOK, "epochs": 20},
+    ),
+    "cnn": EntryPoint("The notebook's 3-block CNN without augmentation.", (DataConfig, TrainConfig), dict(_NOTEBOOK)),
+    "aug_cnn": EntryPoint(
+        "The main job: a CNN on class-balanced, augmented batches, with a threshold chosen on validation.",
+        (DataConfig, TrainConfig, AugmentConfig, CNNConfig),
+    ),
+    "resnet": EntryPoint(
+        "ResNet50 features, a trained head, optional fine-tuning of its last block.",
+        (DataConfig, TrainConfig, ResNetConfig),
+        {"image_size": 160, "channels": 3, "epochs": 15, "learning_rate": 1e-3},
+    ),
+    "evaluate": EntryPoint(
+        "Clinical metrics, figures and a Grad-CAM gallery for a model; optional registration or site calibration.",
+        (DataConfig, EvalConfig),
+        hidden=_MODEL_INPUT,
+    ),
+    "tune": EntryPoint(
+        "Optuna search of aug_cnn's learning rate and augmentation ranges, trials as nested runs.",
+        (DataConfig, TrainConfig, AugmentConfig, CNNConfig, TuneConfig),
+    ),
+    "adapt": EntryPoint(
+        "Fine-tune a model on a hospital's labelled images, with an out-of-fold threshold and figures.",
+        (DataConfig, AdaptConfig),
+        hidden=_MODEL_INPUT,
+    ),
 }
 
 
@@ -98,9 +139,15 @@ def main(name: str, argv: list[str] | None = None) -> Any:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    function = entry_point_function(name)
-    description = (function.__doc__ or name).strip().splitlines()[0]
-    configs = parse_configs(description, *ENTRY_POINTS[name].configs, defaults=ENTRY_POINTS[name].defaults, argv=argv)
+    entry_point = ENTRY_POINTS[name]
+    configs = parse_configs(
+        entry_point.description,
+        *entry_point.configs,
+        defaults=entry_point.defaults,
+        argv=argv,
+        hidden=entry_point.hidden,
+    )
+    function = entry_point_function(name)  # after parsing: --help needs no TensorFlow
     use_default_experiment()
     try:
         return function(*configs)
@@ -128,6 +175,8 @@ def render_mlproject() -> str:
         flags = []
         for config_type in entry_point.configs:
             for f in dataclasses.fields(config_type):
+                if f.name in entry_point.hidden:
+                    continue
                 default = entry_point.defaults.get(f.name, f.default)
                 kind = field_type(config_type, f)
                 if kind is str:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -455,8 +457,31 @@ def field_type(owner: type, f: dataclasses.Field) -> type:
     return type(allowed[0]) if allowed else kind
 
 
+def field_comments(config_type: type) -> dict[str, str]:
+    """Each field's description: the comment lines right above it in the dataclass, joined into one line.
+
+    The comments are the fields' documentation (see the module docstring), so ``--help`` shows
+    exactly what a reader of this file sees; a field without a comment gets an empty string.
+    """
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(config_type).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("#").strip())
+            continue
+        match = re.match(r"(\w+)\s*:", text)
+        if match and not text.startswith(("def ", "class ", "return")):
+            comments.setdefault(match.group(1), " ".join(pending))
+        pending = []
+    return comments
+
+
 def build_parser(
-    description: str, *config_types: type, defaults: dict[str, Any] | None = None
+    description: str,
+    *config_types: type,
+    defaults: dict[str, Any] | None = None,
+    hidden: frozenset[str] = frozenset(),
 ) -> argparse.ArgumentParser:
     """Build an argparse parser with one ``--name`` flag per dataclass field.
 
@@ -464,27 +489,34 @@ def build_parser(
         description: Text shown by ``--help``.
         *config_types: Dataclass types whose fields become flags. Field names must be unique.
         defaults: Per-entry-point defaults that replace the dataclass defaults.
+        hidden: Fields the entry point does not use: no flag, the default stays.
 
     Returns:
-        The parser; defaults are the dataclass defaults.
+        The parser; each flag's help is its field's comment and its default.
     """
     parser = argparse.ArgumentParser(description=description)
     seen: set[str] = set()
     for config_type in config_types:
         group = parser.add_argument_group(config_type.__name__)
+        comments = field_comments(config_type)
         for f in dataclasses.fields(config_type):
             if f.name in seen:
                 raise ValueError(f"parameter {f.name!r} is defined twice")
             seen.add(f.name)
+            if f.name in hidden:
+                continue
             kind = field_type(config_type, f)
             allowed = choices(typing.get_type_hints(config_type)[f.name])
             default = (defaults or {}).get(f.name, f.default)
+            shown = str(default).lower() if kind is bool else repr(default) if kind is str else default
             group.add_argument(
                 f"--{f.name}",
                 type=_parse_bool if kind is bool else kind,
                 default=default,
                 choices=allowed,
                 metavar=None if allowed else kind.__name__.upper(),
+                # argparse formats help with %: literal percent signs in comments are doubled.
+                help=f"{comments[f.name]} (default: {shown})".replace("%", "%%").strip(),
             )
     unknown = set(defaults or {}) - seen
     if unknown:
@@ -493,7 +525,11 @@ def build_parser(
 
 
 def parse_configs(
-    description: str, *config_types: type, defaults: dict[str, Any] | None = None, argv: list[str] | None = None
+    description: str,
+    *config_types: type,
+    defaults: dict[str, Any] | None = None,
+    argv: list[str] | None = None,
+    hidden: frozenset[str] = frozenset(),
 ) -> list[Any]:
     """Parse the command line into one instance of each dataclass type.
 
@@ -507,11 +543,11 @@ def parse_configs(
         Instances in the order of ``config_types``. A value the dataclass refuses (e.g. an
         impossible range) is a parse error, like a value that is not one of the choices.
     """
-    parser = build_parser(description, *config_types, defaults=defaults)
+    parser = build_parser(description, *config_types, defaults=defaults, hidden=hidden)
     namespace = vars(parser.parse_args(argv))
     try:
         return [
-            config_type(**{f.name: namespace[f.name] for f in dataclasses.fields(config_type)})
+            config_type(**{f.name: namespace[f.name] for f in dataclasses.fields(config_type) if f.name in namespace})
             for config_type in config_types
         ]
     except ConfigError as error:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -79,6 +82,28 @@ def _requirements(lines: list[str]) -> dict[str, str]:
         name = re.split(r"[=<>;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-")
         found[name] = re.sub(r"\s+", " ", line.replace('"', "'"))
     return found
+
+
+def test_python_env_yaml_repeats_the_pins_and_markers_of_pyproject_and_is_the_projects_environment():
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    python_env = yaml.safe_load((REPO / "python_env.yaml").read_text())
+    assert python_env["dependencies"] == dependencies and python_env["python"] == "3.11"
+    assert yaml.safe_load((REPO / "MLproject").read_text())["python_env"] == "python_env.yaml"
+
+
+@pytest.mark.slow
+def test_python_env_yaml_resolves_against_the_package_index(tmp_path):
+    """What `mlflow run . --env-manager uv` installs must resolve as one set (pip's resolver, no install)."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("\n".join(yaml.safe_load((REPO / "python_env.yaml").read_text())["dependencies"]))
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+    result = subprocess.run(
+        [*command, "--report", str(report), "-r", str(requirements)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert {"keras", "mlflow", "opencv-python-headless", "pydicom"} <= resolved
 
 
 def test_conda_yaml_repeats_the_pins_and_markers_of_pyproject():

@@ -13,8 +13,9 @@ whatever size the codestream itself declares. Here:
   JPEG-LS SOF marker, JPEG 2000 SIZ marker, RLE segment table) must agree with it, and the
   codestream must be complete, before a byte of it is decoded;
 - only the first frame is decoded, by pydicom's pixel handlers with the pylibjpeg plugins
-  (libjpeg for JPEG and JPEG-LS, openjpeg for JPEG 2000, rle for RLE), always the same plugin,
-  so one file decodes the same on every installation;
+  (libjpeg for JPEG and JPEG-LS, openjpeg for JPEG 2000, rle for RLE; Pillow for 8-bit JPEG
+  Baseline and Extended, as for JPEG files), always the same plugin for a syntax, so one file
+  decodes the same on every installation;
 - intensities reach 0..255 by the VOI window (or VOI LUT) when the file has one, otherwise by the
   range the stored bit depth allows (after the modality LUT, which may move or flip it), never by
   the image's own minimum and maximum: an 8-bit X-ray stored with BitsStored 8 decodes to
@@ -75,8 +76,11 @@ COMPRESSED_SYNTAXES = {
 ACCEPTED_TRANSFER_SYNTAXES = {**NATIVE_SYNTAXES, DEFLATED_SYNTAX: "Deflated Explicit VR Little Endian"}
 ACCEPTED_TRANSFER_SYNTAXES.update(COMPRESSED_SYNTAXES)
 _ACCEPTED_TEXT = ", ".join(ACCEPTED_TRANSFER_SYNTAXES.values())
-# The one pydicom decoding plugin used for every compressed syntax (pylibjpeg and its plugins).
+# The pydicom decoding plugin of every compressed syntax, always the same: pylibjpeg with its
+# plugins, except 8-bit JPEG Baseline and Extended, decoded by Pillow as JPEG files are (libjpeg
+# and Pillow's libjpeg-turbo differ by one level on about 3% of an X-ray's pixels).
 _PLUGIN = "pylibjpeg"
+_PILLOW_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 # Colour interpretations pydicom decodes to RGB (YBR_FULL*, by its colour conversion; YBR_ICT and
 # YBR_RCT, by the JPEG 2000 decoder's inverse component transform).
@@ -338,18 +342,36 @@ def _window(dataset):
     return center, width, function
 
 
-def _lut_bits(dataset, keyword: str) -> int:
-    """Bits per entry of the first LUT in a modality or VOI LUT sequence (its output range)."""
-    try:
-        bits = int(dataset[keyword][0].LUTDescriptor[2])
-    except Exception as error:
-        raise ImageError(f"DICOM {keyword} has no usable LUT descriptor") from error
-    if not 1 <= bits <= 16:
-        raise ImageError(f"DICOM {keyword} LUT descriptor declares an impossible bit depth")
-    return bits
+class _Lut:
+    """The first LUT of a modality or VOI LUT sequence (PS3.3 C.11.1 and C.11.2), applied as a table.
+
+    pydicom 3.0.2's ``apply_voi_lut`` indexes an 8-bit LUT with 8-bit integers, so inputs above
+    255 wrap around; the table is small and its use one line, so it is applied here.
+    """
+
+    def __init__(self, dataset, keyword: str, big_endian: bool) -> None:
+        try:
+            item = dataset[keyword][0]
+            entries, self.first, bits = (int(value) for value in item.LUTDescriptor[:3])
+            data = item.LUTData
+            if isinstance(data, (bytes, bytearray)):  # OW: 16-bit words in the dataset's byte order
+                table = np.frombuffer(data, dtype=">u2" if big_endian else "<u2")
+            else:
+                table = np.atleast_1d(np.asarray(data if isinstance(data, int) else list(data), dtype=np.float64))
+        except Exception as error:
+            raise ImageError(f"DICOM {keyword} has no usable LUT descriptor and data") from error
+        entries = entries or 65536  # PS3.3 C.11.1.1.1: 0 means 2**16 entries
+        if not 8 <= bits <= 16 or len(table) < entries:
+            raise ImageError(f"DICOM {keyword} LUT is shorter than its descriptor or of an impossible bit depth")
+        self.table = table[:entries].astype(np.float64)
+        self.top = (1 << bits) - 1
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        index = np.clip(block - self.first, 0, len(self.table) - 1).astype(np.intp)
+        return self.table[index]
 
 
-def _gray_to_uint8(pixels: np.ndarray, dataset, bits_stored: int, signed: bool) -> np.ndarray:
+def _gray_to_uint8(pixels: np.ndarray, dataset, bits_stored: int, signed: bool, big_endian: bool) -> np.ndarray:
     """Stored values -> modality LUT -> VOI window or LUT -> 0..255, as a display would (PS3.3 C.11).
 
     The output range is fixed by the header, never taken from the image: without a window, the
@@ -357,17 +379,11 @@ def _gray_to_uint8(pixels: np.ndarray, dataset, bits_stored: int, signed: bool) 
     and possibly flipped by ``RescaleSlope``/``RescaleIntercept`` (a negative slope really
     reverses what is bright), or ``0 .. 2**n - 1`` after an n-bit modality or VOI LUT.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
-    slope = intercept = None
+    modality = voi = slope = intercept = None
     if "ModalityLUTSequence" in dataset:
-        bits = _lut_bits(dataset, "ModalityLUTSequence")
-        try:
-            pixels = apply_modality_lut(pixels, dataset)
-        except Exception as error:
-            raise ImageError("DICOM modality LUT cannot be applied") from error
-        low, high = 0, (1 << bits) - 1
+        modality = _Lut(dataset, "ModalityLUTSequence", big_endian)
+        low, high = 0, modality.top
     elif "RescaleSlope" in dataset or "RescaleIntercept" in dataset:
         slope, intercept = _number(dataset, "RescaleSlope", 1.0), _number(dataset, "RescaleIntercept", 0.0)
         if slope == 0:
@@ -377,20 +393,18 @@ def _gray_to_uint8(pixels: np.ndarray, dataset, bits_stored: int, signed: bool) 
             raise ImageError("DICOM pixels are not all finite numbers after RescaleSlope/RescaleIntercept")
     window = _window(dataset)
     if window is None and "VOILUTSequence" in dataset:
-        bits = _lut_bits(dataset, "VOILUTSequence")
-        try:
-            pixels = apply_voi_lut(pixels, dataset, prefer_lut=True)
-        except Exception as error:
-            raise ImageError("DICOM VOI LUT cannot be applied") from error
-        low, high = 0, (1 << bits) - 1
+        voi = _Lut(dataset, "VOILUTSequence", big_endian)
+        low, high = 0, voi.top
 
     def to_unit(block: np.ndarray) -> np.ndarray:
-        if slope is not None:
+        if modality is not None:
+            block = modality(block)
+        elif slope is not None:
             block = block * slope + intercept
         if not np.isfinite(block).all():
             raise ImageError("DICOM pixels are not all finite numbers")
         if window is None:
-            return (block - low) / (high - low)
+            return ((block if voi is None else voi(block)) - low) / (high - low)
         center, width, function = window
         if function == "LINEAR":  # PS3.3 C.11.2.1.2.1
             return (block - (center - 0.5)) / (width - 1) + 0.5
@@ -466,7 +480,7 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     options = {}
     if syntax in COMPRESSED_SYNTAXES:
         _check_codestream(syntax, _first_frame(dataset, frames), rows, cols, samples, bits)
-        options["decoding_plugin"] = _PLUGIN
+        options["decoding_plugin"] = "pillow" if syntax in _PILLOW_SYNTAXES and bits_stored <= 8 else _PLUGIN
     elif len(pixel_data) < rows * cols * samples * (bits // 8) * frames:
         raise ImageError("DICOM pixel data is truncated (shorter than its frames need)")
     try:
@@ -479,7 +493,7 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
         if pixels.dtype == np.uint8 and bits_stored == 8:
             return pixels
         return _map_blocks(pixels, lambda block: block / ((1 << bits_stored) - 1))
-    out = _gray_to_uint8(pixels, dataset, bits_stored, bool(signed))
+    out = _gray_to_uint8(pixels, dataset, bits_stored, bool(signed), syntax == "1.2.840.10008.1.2.2")
     if photometric == "MONOCHROME1":  # low values display white
         np.subtract(255, out, out=out)
     return out

@@ -143,8 +143,12 @@ def test_an_8bit_jpeg_and_its_pixels_as_uncompressed_dicom_decode_identically(xr
     dicom = xf.dicom(pixels, bits_stored=8)
     np.testing.assert_array_equal(dicom_to_uint8(dicom, MAX_PIXELS), pixels)  # no stretch of its own range
     # At the X-ray's own size the JPEG decodes at full scale (no reduced-size DCT draft): same input.
-    spec = InputSpec(max(pixels.shape), 1)
-    np.testing.assert_array_equal(decode_image(dicom, spec), decode_image(jpeg, spec))
+    for channels in (1, 3):
+        spec = InputSpec(max(pixels.shape), channels)
+        np.testing.assert_array_equal(decode_image(dicom, spec)[..., 0], decode_image(jpeg, spec)[..., 0])
+        # The JPEG file itself inside a DICOM (a YCbCr JPEG Baseline frame): decoded by the same
+        # library as the JPEG file, to the same pixels.
+        np.testing.assert_array_equal(decode_image(xf.jpeg_in_dicom(jpeg), spec), decode_image(jpeg, spec))
 
 
 def test_the_window_maps_to_0_255_without_a_stretch(gray):
@@ -337,3 +341,45 @@ def test_messages_logs_and_warnings_quote_no_header_value(files, caplog):
             assert value not in text, text
     assert "NumberOfFrames" in messages[0] and "dimensions differ" in messages[1]
     assert "transfer syntax of this file is not accepted" in messages[-1]
+
+
+def _lut(descriptor_bits: int, values: np.ndarray):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.LUTDescriptor = [len(values), 0, descriptor_bits]
+    item.LUTData = [int(v) for v in values]
+    item["LUTData"].VR = "US"
+    return item
+
+
+def test_modality_and_voi_luts_map_by_their_output_bit_depth(gray):
+    stored = np.round(gray.astype(np.float64) * 4095 / 255.0).astype(int)
+    entries = np.arange(4096) / 4095
+    voi = np.round(255 * entries**0.5)  # an 8-bit VOI LUT (a gamma curve): its output is the display value
+    with_voi = dcmread(io.BytesIO(xf.dicom(gray)))
+    with_voi.VOILUTSequence = [_lut(8, voi)]
+    np.testing.assert_array_equal(dicom_to_uint8(xf.save(with_voi), MAX_PIXELS), voi[stored])
+    modality = np.round(65535 * entries**2)  # a 16-bit modality LUT: its range is 0..65535
+    with_modality = dcmread(io.BytesIO(xf.dicom(gray)))
+    with_modality.ModalityLUTSequence = [_lut(16, modality)]
+    with_modality.ModalityLUTSequence[0].ModalityLUTType = "US"
+    expected = np.round(modality[stored] * 255 / 65535)
+    np.testing.assert_array_equal(dicom_to_uint8(xf.save(with_modality), MAX_PIXELS), expected)
+
+
+def test_a_colour_jpeg_baseline_dicom_decodes_to_its_rgb_pixels(gray):
+    rgb = np.dstack([gray, np.flipud(gray), 255 - gray])
+    uncompressed = xf.dicom(gray, bits_stored=8)
+    dataset = dcmread(io.BytesIO(uncompressed))
+    dataset.set_pixel_data(rgb, "RGB", bits_stored=8)
+    compressed = xf.compressed_dicom(xf.save(dataset), JPEGBaseline8Bit)
+    assert dcmread(io.BytesIO(compressed)).PhotometricInterpretation == "YBR_FULL_422"
+    decoded = dicom_to_uint8(compressed, MAX_PIXELS)
+    with Image.open(io.BytesIO(_frame(compressed))) as jpeg:  # what the JPEG itself decodes to
+        expected = np.asarray(jpeg.convert("RGB")).astype(int)
+    assert decoded.shape == rgb.shape
+    # pydicom converts YCbCr to RGB itself, rounding otherwise than Pillow: at most one level.
+    assert np.abs(decoded - expected).max() <= 1
+    assert np.abs(decoded - rgb).mean() > 0.5  # the JPEG really was lossy: the two comparisons differ
+    assert decode_image(compressed, InputSpec(SIZE, 3)).shape == (SIZE, SIZE, 3)

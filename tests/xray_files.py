@@ -210,6 +210,23 @@ def compressed_dicom(uncompressed: bytes, syntax: str) -> bytes:
     return _gdcm_transcode(uncompressed, syntax)
 
 
+def jpeg_in_dicom(jpeg: bytes) -> bytes:
+    """A JPEG file's bytes, as they are, as the one frame of a JPEG Baseline DICOM (as a PACS stores a JPEG)."""
+    with Image.open(io.BytesIO(jpeg)) as image:
+        mode, (width, height) = image.mode, image.size
+    if mode not in ("L", "RGB"):
+        raise ValueError("only grayscale and YCbCr JPEGs fit JPEG Baseline DICOM")
+    dataset = dcmread(io.BytesIO(dicom(np.zeros((height, width), np.uint8), bits_stored=8)))
+    if mode == "RGB":
+        dataset.set_pixel_data(np.zeros((height, width, 3), np.uint8), "RGB", bits_stored=8)
+        dataset.PhotometricInterpretation = "YBR_FULL_422"
+    dataset.PixelData = encapsulate([jpeg])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.LossyImageCompression = "01"
+    return save(dataset)
+
+
 def _gdcm_transcode(uncompressed: bytes, syntax: str) -> bytes:
     import gdcm
 

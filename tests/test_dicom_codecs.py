@@ -10,8 +10,11 @@ follow the window or the stored bit depth, so one picture decodes alike whatever
 from __future__ import annotations
 
 import io
+import json
 import logging
 import struct
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -383,3 +386,42 @@ def test_a_colour_jpeg_baseline_dicom_decodes_to_its_rgb_pixels(gray):
     assert np.abs(decoded - expected).max() <= 1
     assert np.abs(decoded - rgb).mean() > 0.5  # the JPEG really was lossy: the two comparisons differ
     assert decode_image(compressed, InputSpec(SIZE, 3)).shape == (SIZE, SIZE, 3)
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+from pneumo.preprocessing import InputSpec, decode_image
+data, warm = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2]).read_bytes()
+decode_image(warm, InputSpec(128, 1))  # imports and plugin discovery are not the image's cost
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+shape = decode_image(data, InputSpec(128, 1)).shape
+print(json.dumps({"mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024, "shape": shape}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "syntax, plugin", [(RLELossless, "pylibjpeg"), (JPEGLSLossless, "pyjpegls"), (JPEG2000Lossless, "pylibjpeg")]
+)
+def test_memory_of_a_compressed_frame_at_the_budget_is_bounded(tmp_path, syntax, plugin):
+    # 4900 x 4900 12-bit pixels (24 M, just under the budget), in a fresh interpreter: measured
+    # 138-145 MB peak, about 6 bytes a pixel, as for a 16-bit PNG of that size.
+    side = 4900
+    dataset = dcmread(io.BytesIO(xf.dicom(xf.noise(64, 64))))
+    dataset.set_pixel_data(
+        (np.add.outer(np.arange(side), np.arange(side)) % 4096).astype(np.uint16), "MONOCHROME2", bits_stored=12
+    )
+    dataset.compress(syntax, encoding_plugin=plugin)
+    (tmp_path / "big.dcm").write_bytes(xf.save(dataset))
+    (tmp_path / "warm.dcm").write_bytes(xf.compressed_dicom(xf.dicom(xf.noise(64, 64)), syntax))
+    del dataset
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "big.dcm"), str(tmp_path / "warm.dcm")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [128, 128, 1] and result["mb"] < 200, result

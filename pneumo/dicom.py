@@ -112,7 +112,12 @@ _FILTER = _DropWhileDecoding()
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence pydicom's warnings and log records (which may hold header values) in this thread."""
+    """Silence pydicom's warnings and log records (which may hold header values) in this thread.
+
+    Log records are dropped by a per-thread filter. Warnings filters are the process's own: two
+    threads decoding at once can end each other's ``catch_warnings`` early, as for any caller of
+    it, so a warning may then reach the warnings handler (stderr, or logging where captured).
+    """
     manager = logging.Logger.manager
     names = [name for name in list(manager.loggerDict) if name.split(".")[0] in _LOGGERS]
     for name in {*_LOGGERS, *names}:

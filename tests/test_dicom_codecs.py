@@ -400,6 +400,20 @@ print(json.dumps({"mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - st
 """
 
 
+def _decode_in_fresh_interpreter(folder, data: bytes, warm: bytes) -> dict:
+    """Decode ``data`` in a new interpreter, after ``warm`` (a small file of the same kind); its peak RSS growth."""
+    (folder / "image.dcm").write_bytes(data)
+    (folder / "warm.dcm").write_bytes(warm)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(folder / "image.dcm"), str(folder / "warm.dcm")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "syntax, plugin", [(RLELossless, "pylibjpeg"), (JPEGLSLossless, "pyjpegls"), (JPEG2000Lossless, "pylibjpeg")]
@@ -413,15 +427,18 @@ def test_memory_of_a_compressed_frame_at_the_budget_is_bounded(tmp_path, syntax,
         (np.add.outer(np.arange(side), np.arange(side)) % 4096).astype(np.uint16), "MONOCHROME2", bits_stored=12
     )
     dataset.compress(syntax, encoding_plugin=plugin)
-    (tmp_path / "big.dcm").write_bytes(xf.save(dataset))
-    (tmp_path / "warm.dcm").write_bytes(xf.compressed_dicom(xf.dicom(xf.noise(64, 64)), syntax))
-    del dataset
-    out = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "big.dcm"), str(tmp_path / "warm.dcm")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
+    result = _decode_in_fresh_interpreter(
+        tmp_path, xf.save(dataset), xf.compressed_dicom(xf.dicom(xf.noise(64, 64)), syntax)
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [128, 128, 1] and result["mb"] < 200, result
+
+
+@pytest.mark.slow
+def test_an_rle_segment_that_expands_past_its_frame_costs_no_more_than_the_frame(tmp_path):
+    # 10 M two-byte runs of 128 bytes: 1.28 GB if decoded without a bound, into a 64 x 64 frame.
+    # pylibjpeg-rle decodes into the frame's buffer and stops there (pydicom's own RLE decoder,
+    # not used, would grow a bytearray to the whole 1.28 GB). Measured: 38 MB, copies of the input.
+    small = xf.compressed_dicom(xf.dicom(xf.noise(64, 64), bits_stored=8), RLELossless)
+    bomb = _reframed(small, [struct.pack("<16I", 1, 64, *[0] * 14) + b"\x81\x07" * 10**7])
+    result = _decode_in_fresh_interpreter(tmp_path, bomb, small)
+    assert result["shape"] == [128, 128, 1] and result["mb"] < 100, result

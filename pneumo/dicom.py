@@ -169,6 +169,9 @@ def _file_meta(data: bytes):
     """The file meta group and the offset where the dataset starts, read without parsing the dataset.
 
     The meta group is always explicit VR little endian, whatever the dataset's transfer syntax.
+    Read with pydicom's public ``read_preamble`` and ``read_dataset`` (stopping at the first
+    element past group 2); its ``read_file_meta_info`` takes only a path, and ``dcmread`` with
+    ``stop_before_pixels`` would already inflate a Deflated dataset.
     """
     from pydicom.dataset import FileMetaDataset
     from pydicom.filereader import read_dataset, read_preamble

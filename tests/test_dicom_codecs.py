@@ -386,6 +386,11 @@ def test_a_colour_jpeg_baseline_dicom_decodes_to_its_rgb_pixels(gray):
     assert np.abs(decoded - expected).max() <= 1
     assert np.abs(decoded - rgb).mean() > 0.5  # the JPEG really was lossy: the two comparisons differ
     assert decode_image(compressed, InputSpec(SIZE, 3)).shape == (SIZE, SIZE, 3)
+    # Lossless JPEG 2000 colour, labelled YBR_RCT as the standard asks of a reversibly transformed
+    # RGB codestream: openjpeg undoes the transform, giving the exact RGB pixels.
+    dataset.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    dataset.PhotometricInterpretation = "YBR_RCT"
+    np.testing.assert_array_equal(dicom_to_uint8(xf.save(dataset), MAX_PIXELS), rgb)
 
 
 _PEAK_SCRIPT = """

@@ -20,6 +20,7 @@ import pytest
 import requests
 from mlflow.models import Model
 from PIL import Image
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from sklearn.metrics import roc_auc_score
 
 import xray_files as xf
@@ -166,6 +167,10 @@ def test_other_formats_are_predicted_like_the_reference(server, unseen):
         "cmyk_jpeg": xf.cmyk_jpeg(gray),
         "dicom_monochrome1": xf.dicom(gray, "MONOCHROME1", bits_stored=12),
         "dicom_monochrome2_16bit": xf.dicom(gray, bits_stored=16),
+        # Compressed as PACS export them (pylibjpeg decoders, pinned in the served model's requirements).
+        "dicom_jpeg2000": xf.compressed_dicom(xf.dicom(gray), JPEG2000Lossless),
+        "dicom_jpeg_ls": xf.compressed_dicom(xf.dicom(gray), JPEGLSLossless),
+        "dicom_rle": xf.compressed_dicom(xf.dicom(gray, "MONOCHROME1"), RLELossless),
     }
     cells = [b64(xf.reference_png(gray))] + [b64(data) for data in variants.values()]
     served = predictions(server.invoke(split_body(cells)))
@@ -203,7 +208,7 @@ BAD_REQUESTS = {
     "missing_column": (lambda u: {"dataframe_records": [{}]}, ["missing column 'image'"]),
     "lab_tiff": (
         lambda u: split_body([b64(xf.encode(Image.new("LAB", (64, 64)), "TIFF"))]),
-        ["row 0", "accepted: JPEG, PNG or uncompressed DICOM"],
+        ["row 0", "accepted: JPEG, PNG or DICOM"],
     ),
     "dicom_window_width_0": (
         lambda u: split_body([b64(xf.dicom(xf.noise(64, 64), window=(100, 0)))]),

@@ -62,7 +62,7 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
         predicted = _predict_evaluated_split(trained, manifest, config.split, data.cache_dir, config.tta)
         site_threshold = _site_threshold(predicted, config) if config.calibrate else None  # refuses early
         scores = _log_metrics(trained, predicted, threshold, config.split)
-        _log_intervals(predicted, threshold, config.split, config.bootstrap)
+        intervals = _log_intervals(predicted, threshold, config.split, config.bootstrap)
         _log_without_shared_ids(manifest, predicted, threshold, config.split)
         title = f"{_model_name(trained)} on {config.split} ({len(predicted.labels)} images)"
         _log_figures(trained, predicted, threshold, config.split, title)
@@ -77,6 +77,7 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
                 manifest.digest,
                 manifest.split("val")["sha256"],
                 registry.Floors(config.floor_sensitivity, config.floor_specificity, config.floor_roc_auc),
+                _card_figures(predicted, threshold, intervals, config.split),
             )
         log.info(
             "%s: ROC AUC %.4f; at threshold %.3f sensitivity %.3f, specificity %.3f",
@@ -255,6 +256,19 @@ def _log_without_shared_ids(manifest: Manifest, predicted: Predictions, threshol
                 f"n_{split}_excl_shared_ids_images": int(keep.sum()),
             }
         )
+
+
+def _card_figures(predicted: Predictions, threshold: float, intervals: dict, split: str) -> Figures | None:
+    """The evaluated split's figures for the model card: only the official test split (another acquisition)."""
+    if split != "test":
+        return None
+    return Figures(
+        on="the official test split's local half (another hospital's acquisition)",
+        metrics=metrics.binary_metrics(predicted.labels, predicted.probabilities, threshold),
+        intervals=intervals,
+        n_images=int(len(predicted.labels)),
+        n_patients=int(patient_key(predicted.images.frame).nunique()),
+    )
 
 
 def _site_threshold(predicted: Predictions, config: EvalConfig) -> float:

@@ -27,8 +27,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pneumo import manifests, metrics, plots, tracking
-from pneumo.contract import ModelContract
+from pneumo.contract import Figures, ModelContract
 from pneumo.errors import DataError
+from pneumo.model_card import model_card
 from pneumo.model_io import TrainedModel, load_trained_model, log_model
 
 log = logging.getLogger(__name__)
@@ -197,19 +198,35 @@ def _score_champion(
     return champion, score(load_trained_model(f"models:/{name}/{champion.version}")) if champion is not None else None
 
 
-def register_version(model_uri: str, name: str, alias: str | None, description: str, tags: dict[str, str]) -> str:
-    """Register ``model_uri`` as a new version of ``name``, point ``alias`` at it (if any) and describe it.
+def register_version(
+    model_uri: str,
+    name: str,
+    alias: str | None,
+    status: str,
+    contract: ModelContract,
+    tags: dict[str, str],
+    evaluation: Figures | None = None,
+) -> str:
+    """Register ``model_uri`` as a new version of ``name``, point ``alias`` at it (if any) and give it its model card.
+
+    The card (:func:`pneumo.model_card.model_card`, written from ``contract``) is the version's
+    description and the active run's artifact ``model_card_v<version>.md``.
 
     Returns:
         The new version number.
     """
-    version = mlflow.register_model(model_uri, name, tags=tags).version
+    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     client = MlflowClient()
     if alias is not None:
         client.set_registered_model_alias(name, alias, version)
-    client.update_model_version(name, version, description=description)
+    code_version = (
+        client.get_run(contract.run_id).data.tags.get("mlflow.source.git.commit", "") if contract.run_id else ""
+    )
+    card = model_card(contract, name, version, status, code_version, evaluation)
+    client.update_model_version(name, version, description=card)
+    mlflow.log_text(card, f"model_card_v{version}.md")
     log.info("registered %s version %s%s", name, version, f" as {alias}" if alias else " without an alias")
-    return str(version)
+    return version
 
 
 def _log_registration(decision: Decision, curves: dict[str, Curve], manifest_digest: str, n_images: int) -> None:
@@ -238,6 +255,7 @@ def register_evaluated(
     manifest_digest: str,
     validation_hashes: Iterable[str],
     floors: Floors,
+    evaluation: Figures | None = None,
 ) -> Decision | None:
     """Register an evaluated model as a new version of ``name``, alias it as earned, and log why to the active run.
 
@@ -252,6 +270,7 @@ def register_evaluated(
         manifest_digest: Digest of the manifest whose validation split is used.
         validation_hashes: SHA-256 of those validation images.
         floors: The least a champion must show on them.
+        evaluation: The evaluated split's figures for the model card, when not validation.
 
     Returns:
         The decision, or None when this model (same run) already is the champion.
@@ -273,12 +292,14 @@ def register_evaluated(
             f"models:/{trained.model_id}" if trained.model_id else trained.uri,
             name,
             alias,
-            description=f"{alias or 'no alias'}: {reason}.",
+            f"{alias or 'no alias'}: {reason}.",
+            trained.contract,
             tags={
                 "val_roc_auc": f"{candidate['roc_auc']:.6f}",
                 "manifest_digest": manifest_digest,
                 "evaluation_run_id": mlflow.active_run().info.run_id,
             },
+            evaluation=evaluation,
         )
         decision = Decision(
             name,
@@ -307,19 +328,16 @@ def register_site_version(model, contract: ModelContract, name: str, alias: str)
     """
     lineage, site = contract.lineage, contract.site
     info = log_model(model, contract, name="site_model")
-    figures = {name: site.figures.metrics.get(name, math.nan) for name in ("roc_auc", "sensitivity", "specificity")}
-    description = (
+    status = (
         f"{alias}: {lineage.method} of {lineage.parent_version or lineage.parent_uri} on a site sample of "
-        f"{site.figures.n_images} images ({site.n_pneumonia} pneumonia); threshold {contract.threshold:.4f} "
-        f"({contract.threshold_rule}); on the sample: ROC AUC {figures['roc_auc']:.3f}, "
-        f"sensitivity {figures['sensitivity']:.3f}, specificity {figures['specificity']:.3f} "
-        f"({site.figures.on})."
+        f"{site.figures.n_images} images; threshold {contract.threshold:.4f} ({contract.threshold_rule})."
     )
     version = register_version(
         info.model_uri,
         name,
         alias,
-        description,
+        status,
+        contract,
         tags={
             "pneumo.site_threshold": f"{contract.threshold:.6f}",
             "pneumo.site_target_sensitivity": str(site.target_sensitivity),

@@ -8,6 +8,7 @@ message that says why, whether opened for evaluation or served.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -27,6 +28,7 @@ from pneumo.contract import (
     read_contract,
 )
 from pneumo.errors import ConfigError
+from pneumo.model_card import model_card
 from pneumo.models import build_aug_cnn
 from pneumo.preprocessing import InputSpec
 from pneumo.synthetic import synthetic_example_base64
@@ -131,3 +133,27 @@ def test_a_model_with_a_newer_contract_is_refused_when_opened_and_when_served(tr
         model_io.load_trained_model(uri)
     with pytest.raises(ConfigError, match="version 99, newer"):
         mlflow.pyfunc.load_model(uri)
+
+
+def test_the_model_card_is_written_from_the_contract_with_every_section_and_no_local_path():
+    site = SiteFigures(
+        0.98, 194, Figures("the site sample, out of fold", {"roc_auc": 0.98, "sensitivity": 0.985}, {}, 311, 200)
+    )
+    lineage = Lineage("site adaptation", "models:/m@champion", "m/3", "run1", "digest123")
+    contract = _contract(lineage=lineage, site=site, run_id="run9")
+    evaluation = Figures("the official test split", {"roc_auc": 0.96}, {"roc_auc": (0.96, 0.94, 0.98)}, 311, 200)
+    card = model_card(contract, "m", "4", "site: adapted", "abc123", evaluation)
+    for section in (
+        "## Intended use",
+        "## Training data and licence",
+        "## Input contract",
+        "## Figures",
+        "## Site version: lineage and site figures",
+        "## Known limits",
+        "## Provenance",
+    ):
+        assert section in card, section
+    assert "not a diagnosis" in card and "CC BY 4.0" in card and "rotated" in card and "Adults" in card
+    assert "| roc auc | 0.960 | [0.940, 0.980] |" in card  # the other acquisition's figures, with intervals
+    assert "`m/3`" in card and "digest123" in card and "abc123" in card and "0.3000" in card
+    assert not re.search(r"(?<![\w:])/(?:home|tmp|work|root|Users|mnt|data)\b", card)  # no absolute local path

@@ -169,7 +169,10 @@ def test_the_floors_refuse_a_weak_model_even_without_a_champion(models_store, tm
     assert "is below the floor" in decision["reason"]
     assert MlflowClient().get_registered_model(name).aliases == {}
     version = MlflowClient().get_model_version(name, decision["version"])
-    assert version.run_id == models_store.dense and "not promoted" in version.description
+    assert version.run_id == models_store.dense and "**Status**: no alias: not promoted" in version.description
+    # Its description is its model card, written from its contract: sections, no local paths.
+    assert "## Intended use" in version.description and "## Known limits" in version.description
+    assert str(models_store.data_dir) not in version.description and "/tmp/" not in version.description
     assert mlflow.get_run(run_id).data.tags["pneumo.alias"] == "none (below the floors)"
 
 

@@ -1,0 +1,128 @@
+"""The model card of a registered version, written from its contract, never by hand.
+
+After the MONAI bundle's model card: what the model is for and not for, the data it learned from
+and its licence, the input it expects, its figures (validation with intervals; another site's, and
+for a site version its lineage), its known limits and the code that made it. It is logged as
+``model_card.md`` in the run that registered the version and becomes the version's description in
+the registry. It holds no local path and no patient identifier: only what the contract holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pneumo.contract import Figures, ModelContract
+
+INTENDED_USE = (
+    "A second reader for frontal (PA/AP) chest X-rays of children aged 1 to 5: it flags images likely to "
+    "show pneumonia for a radiologist to look at first. It is not a diagnosis and must not replace a "
+    "radiologist's reading."
+)
+TRAINING_DATA = (
+    "Kermany, Goldbaum et al., Cell 2018 (Kaggle `paultimothymooney/chest-xray-pneumonia`, version 2): "
+    "pediatric chest X-rays from Guangzhou Women and Children's Medical Center; licence CC BY 4.0. "
+    "Trained on the training folder with a patient-grouped validation split carved from it."
+)
+KNOWN_LIMITS = (
+    "Other hospitals: on differently acquired images the ranking is weaker and the threshold does not carry "
+    "over; adapt it (`adapt`) or calibrate it (`evaluate -P calibrate=true`) on the site's own labelled images.",
+    "Adults: never seen; its figures say nothing about them.",
+    "Lateral views, rotated or inverted films: never seen; a film fed sideways has been called normal.",
+    "Only pneumonia against normal: other findings (effusion, masks, lines, tubes) are not recognised.",
+    "Probabilities are not calibrated to another site's prevalence.",
+)
+
+
+def _number(value: float, digits: int = 3) -> str:
+    return "undefined" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _figures_table(figures: Figures) -> list[str]:
+    rows = [
+        f"On {figures.on}: {figures.n_images} images"
+        + (f" of {figures.n_patients} patients" if figures.n_patients else "")
+        + ".",
+        "",
+        "| figure | value | 95% interval (patient-grouped bootstrap) |",
+        "|---|---|---|",
+    ]
+    for name in ("roc_auc", "sensitivity", "specificity", "ppv", "npv"):
+        if name not in figures.metrics:
+            continue
+        interval = figures.intervals.get(name)
+        bounds = f"[{_number(interval[1])}, {_number(interval[2])}]" if interval else "not computed"
+        rows.append(f"| {name.replace('_', ' ')} | {_number(figures.metrics[name])} | {bounds} |")
+    return rows + [""]
+
+
+def model_card(
+    contract: ModelContract,
+    name: str,
+    version: str,
+    status: str,
+    code_version: str,
+    evaluation: Figures | None = None,
+) -> str:
+    """The markdown model card of version ``version`` of ``name``.
+
+    Args:
+        contract: The version's contract.
+        name: Registered model name.
+        version: Its version number.
+        status: Its alias and why (``champion: ...``, ``not promoted: ...``).
+        code_version: The git commit of the code that trained it (MLflow's ``mlflow.source.git.commit``).
+        evaluation: Figures of the evaluation that registered it, when it was on other images than
+            validation (the official test split: another hospital's acquisition).
+    """
+    spec = contract.input_spec
+    lines = [
+        f"# {name} version {version}",
+        "",
+        f"**Status**: {status}",
+        "",
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "## Training data and licence",
+        "",
+        TRAINING_DATA,
+        "",
+        "## Input contract",
+        "",
+        f"- One image per row, base64 of a JPEG, PNG or DICOM file; decoded to {spec.image_size} x {spec.image_size} "
+        f"{'grayscale' if spec.channels == 1 else 'RGB'}, border crop {spec.crop:g}, equalisation `{spec.equalize}`.",
+        f"- Answer: `label` ({' or '.join(contract.class_names)}), `probability` of pneumonia, `threshold`.",
+        f"- Operating threshold {contract.threshold:.4f}: {contract.threshold_rule}.",
+        "",
+        "## Figures",
+        "",
+        *_figures_table(contract.validation),
+    ]
+    if evaluation is not None:
+        lines += ["Another acquisition, reported only (never used to choose this model or its threshold):", ""]
+        lines += _figures_table(evaluation)
+    if contract.lineage is not None and contract.site is not None:
+        lineage, site = contract.lineage, contract.site
+        lines += [
+            "## Site version: lineage and site figures",
+            "",
+            f"- Made by {lineage.method} of `{lineage.parent_version or lineage.parent_uri}` "
+            f"(training run {lineage.parent_run_id or 'unknown'}).",
+            f"- Site sample: manifest digest `{lineage.site_manifest_digest}`, {site.n_pneumonia} pneumonia images; "
+            f"target sensitivity {site.target_sensitivity}.",
+            "",
+            *_figures_table(site.figures),
+        ]
+        if site.parent_figures is not None:
+            lines += ["The parent on the same images:", "", *_figures_table(site.parent_figures)]
+    lines += ["## Known limits", "", *(f"- {limit}" for limit in KNOWN_LIMITS), ""]
+    lines += [
+        "## Provenance",
+        "",
+        f"- Trained by entry point `{contract.entry_point}` in MLflow run `{contract.run_id}`.",
+        f"- Code version: {code_version or 'unknown (not run from a git checkout)'}.",
+        f"- Contract version {contract.version}.",
+        "",
+    ]
+    return "\n".join(lines)

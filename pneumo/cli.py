@@ -23,6 +23,7 @@ from pneumo.config import (
     DataConfig,
     DenseConfig,
     EvalConfig,
+    PacsConfig,
     ResNetConfig,
     TrainConfig,
     TuneConfig,
@@ -66,6 +67,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     ),
     "evaluate": EntryPoint((DataConfig, EvalConfig)),
     "tune": EntryPoint((DataConfig, TrainConfig, AugmentConfig, CNNConfig, TuneConfig)),
+    "score_pacs": EntryPoint((PacsConfig,)),
 }
 
 

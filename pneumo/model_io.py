@@ -42,6 +42,7 @@ PARAMS_SCHEMA = ParamSchema([ParamSpec("tta", "boolean", False)])
 # Packages the served model imports, pinned to the versions it was trained with; only one
 # TensorFlow distribution, the first installed of these (GPU "tensorflow", else "tensorflow-cpu").
 # Keras imports scikit-learn and matplotlib when they are there, but needs neither.
+# pydicom decodes compressed DICOM through the pylibjpeg plugins, found when installed.
 _TENSORFLOW = ("tensorflow", "tensorflow-cpu")
 _REQUIREMENTS = (
     "keras",
@@ -49,6 +50,10 @@ _REQUIREMENTS = (
     "pandas",
     "pillow",
     "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
     "mlflow",
 )
 # Images per forward pass: bounds the float32 activations of one call, whatever the request size.

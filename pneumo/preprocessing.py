@@ -18,25 +18,29 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from pneumo.dicom import dicom_to_array
+from pneumo.dicom import dicom_to_uint8
 from pneumo.errors import ImageError
 from pneumo.pixels import MAX_PIXELS, check_dimensions
 
-# What decode_image accepts: these Pillow formats, and DICOM (uncompressed; see pneumo.dicom).
+# What decode_image accepts: these Pillow formats, and DICOM (uncompressed, deflated or
+# compressed with the transfer syntaxes in pneumo.dicom.ACCEPTED_TRANSFER_SYNTAXES).
 PIL_FORMATS = ("JPEG", "PNG")
-ACCEPTED_FORMATS = "JPEG, PNG or uncompressed DICOM"
+ACCEPTED_FORMATS = "JPEG, PNG or DICOM"
 
 
 def _is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: the ``DICM`` prefix after the 128-byte preamble."""
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def _dicom_to_array(data: bytes) -> np.ndarray:
-    """Decode a DICOM file into a float array with display intensities (bright = dense).
+def _dicom_to_image(data: bytes) -> Image.Image:
+    """The first frame of a DICOM file as an L (grayscale) or RGB image, display intensities 0..255.
 
-    Only the first frame, sized from its header first: see :mod:`pneumo.dicom`.
+    Mapped to 8 bits by the file's VOI window or its stored bit depth, not by the image's own
+    range, so it matches the JPEG or PNG of the same picture: see :mod:`pneumo.dicom`.
     """
-    return dicom_to_array(data, MAX_PIXELS)
+    pixels = dicom_to_uint8(data, MAX_PIXELS)
+    return Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -187,7 +191,7 @@ def decode_image(data: bytes, spec: InputSpec) -> np.ndarray:
     if not data:
         raise ImageError("empty image data")
     if _is_dicom(data):
-        image = Image.fromarray(_to_uint8(_dicom_to_array(data)), mode="L")
+        image = _dicom_to_image(data)
     else:
         try:
             with warnings.catch_warnings():  # our own pixel limit below decides, silently

@@ -175,5 +175,16 @@ def test_the_served_model_pins_what_it_imports_and_one_tensorflow():
 
     names = [line.split("==")[0] for line in pip_requirements()]
     assert sum(name in ("tensorflow", "tensorflow-cpu") for name in names) == 1
-    assert set(names) - {"tensorflow", "tensorflow-cpu"} == {"keras", "numpy", "pandas", "pillow", "pydicom", "mlflow"}
+    assert set(names) - {"tensorflow", "tensorflow-cpu"} == {
+        "keras",
+        "numpy",
+        "pandas",
+        "pillow",
+        "pydicom",
+        "pylibjpeg",
+        "pylibjpeg-libjpeg",
+        "pylibjpeg-openjpeg",
+        "pylibjpeg-rle",
+        "mlflow",
+    }
     assert all(re.fullmatch(r"[a-z-]+==[\w.]+", line) for line in pip_requirements())

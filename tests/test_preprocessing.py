@@ -86,9 +86,8 @@ def test_monochrome1_is_inverted(gray, reference):
 def test_dicom_voi_window_is_applied(gray):
     center, width = 2048.0, 1024.0
     stored = np.round(gray.astype(np.float64) * 4095 / 255.0)
-    # DICOM PS3.3 C.11.2.1.2.1 linear window, then the decoder's stretch of the output to 0..255.
-    expected = np.clip((stored - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
-    expected = np.round((expected - expected.min()) * 255 / (expected.max() - expected.min())).astype(np.uint8)
+    # DICOM PS3.3 C.11.2.1.2.1 linear window onto 0..255 (no stretch of its own range afterwards).
+    expected = np.round(np.clip((stored - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255).astype(np.uint8)
     windowed = decode_image(xf.dicom(gray, window=(center, width)), InputSpec(SIZE, 1)).astype(int)
     unwindowed = decode_image(xf.dicom(gray), InputSpec(SIZE, 1)).astype(int)
     assert np.abs(windowed - decode_image(xf.reference_png(expected), InputSpec(SIZE, 1)).astype(int)).max() <= 2
@@ -231,8 +230,9 @@ def test_dicom_with_huge_dimensions_is_refused_before_its_pixels(gray):
     for tag in (b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x11\x00US\x02\x00"):
         at = data.index(tag) + len(tag)
         data[at : at + 2] = (65535).to_bytes(2, "little")
-    with pytest.raises(ImageError, match="65535x65535 pixels, over the"):
+    with pytest.raises(ImageError, match="frame is over the 25,000,000-pixel limit") as error:
         decode_image(bytes(data), InputSpec(SIZE, 1))
+    assert "65535" not in str(error.value)  # no header value in the message
 
 
 def test_cell_decoder_accepts_wrapped_base64_and_data_urls(xray_path):

@@ -203,7 +203,7 @@ BAD_REQUESTS = {
     "missing_column": (lambda u: {"dataframe_records": [{}]}, ["missing column 'image'"]),
     "lab_tiff": (
         lambda u: split_body([b64(xf.encode(Image.new("LAB", (64, 64)), "TIFF"))]),
-        ["row 0", "accepted: JPEG, PNG or uncompressed DICOM"],
+        ["row 0", "accepted: JPEG, PNG or DICOM"],
     ),
     "dicom_window_width_0": (
         lambda u: split_body([b64(xf.dicom(xf.noise(64, 64), window=(100, 0)))]),

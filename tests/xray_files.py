@@ -1,8 +1,9 @@
 """Test image files in every format the decoder must accept or refuse: the one home of image builders.
 
 Every builder returns file bytes. The accepted formats made from a real X-ray (RGBA and 16-bit
-PNG, CMYK JPEG, DICOM MONOCHROME1/2 with or without a VOI window) carry the same picture as
-:func:`reference_png`, so a test can require that they decode, and predict, like it.
+PNG, CMYK JPEG, DICOM MONOCHROME1/2 with or without a VOI window, DICOM in every compressed transfer
+syntax the decoder reads) carry the same picture as :func:`reference_png`, so a test can require that
+they decode, and predict, like it.
 :data:`SAMPLES` holds small synthetic images of every PIL mode a user may bring.
 """
 
@@ -10,13 +11,30 @@ from __future__ import annotations
 
 import io
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
 
 # DICOM SOP class "Digital X-Ray Image Storage - For Presentation".
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -130,9 +148,90 @@ def dicom(
     dataset.set_pixel_data(values, photometric_interpretation=photometric, bits_stored=bits_stored)
     if window is not None:
         dataset.WindowCenter, dataset.WindowWidth = window
+    return save(dataset)
+
+
+def save(dataset: Dataset) -> bytes:
+    """The bytes of a DICOM file written from ``dataset`` (with its file meta group)."""
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+# Compressed syntax -> what `compressed_dicom` hands to pydicom's Dataset.compress (None: another
+# encoder, see there). Lossy settings are what a PACS typically stores: JPEG-LS within 2 levels,
+# JPEG 2000 at 10:1.
+COMPRESS_OPTIONS = {
+    RLELossless: {"encoding_plugin": "pydicom"},
+    JPEGLSLossless: {"encoding_plugin": "pyjpegls"},
+    JPEGLSNearLossless: {"encoding_plugin": "pyjpegls", "jls_error": 2},
+    JPEG2000Lossless: {"encoding_plugin": "pylibjpeg"},
+    JPEG2000: {"encoding_plugin": "pylibjpeg", "j2k_cr": [10]},
+    JPEGBaseline8Bit: None,
+    JPEGExtended12Bit: None,
+    JPEGLossless: None,
+    JPEGLosslessSV1: None,
+}
+
+
+def compressed_dicom(uncompressed: bytes, syntax: str) -> bytes:
+    """The same DICOM file (every frame) re-encoded with a compressed or deflated transfer syntax.
+
+    RLE, JPEG-LS and JPEG 2000 use pydicom's encoders (its own RLE, pyjpegls, pylibjpeg-openjpeg);
+    JPEG Baseline encapsulates Pillow's JPEG of each 8-bit frame; JPEG Extended and both JPEG
+    Lossless syntaxes are written by GDCM, the only maintained Python-installable encoder of
+    lossless JPEG (for Extended, of 8-bit data only: GDCM writes 12-bit data with a 16-bit
+    precision that no JPEG decoder accepts); Deflated by pydicom's writer.
+    """
+    dataset = dcmread(io.BytesIO(uncompressed))
+    if syntax == DeflatedExplicitVRLittleEndian:
+        dataset.file_meta.TransferSyntaxUID = syntax
+        return save(dataset)
+    options = COMPRESS_OPTIONS[UID(syntax)]
+    if options is not None:
+        dataset.compress(syntax, **options)
+        return save(dataset)
+    if syntax == JPEGBaseline8Bit:
+        if dataset.BitsStored != 8:
+            raise ValueError("JPEG Baseline holds 8-bit pixels only")
+        frames = dataset.pixel_array.reshape(-1, dataset.Rows, dataset.Columns, dataset.SamplesPerPixel)
+        mode = "L" if dataset.SamplesPerPixel == 1 else "RGB"
+        jpegs = [
+            encode(Image.fromarray(frame.squeeze(-1) if mode == "L" else frame, mode), "JPEG", quality=95)
+            for frame in frames
+        ]
+        dataset.PixelData = encapsulate(jpegs)
+        dataset["PixelData"].VR = "OB"
+        dataset.file_meta.TransferSyntaxUID = syntax
+        dataset.LossyImageCompression = "01"
+        if mode == "RGB":  # Pillow stores colour JPEG as subsampled YCbCr
+            dataset.PhotometricInterpretation = "YBR_FULL_422"
+        return save(dataset)
+    return _gdcm_transcode(uncompressed, syntax)
+
+
+def _gdcm_transcode(uncompressed: bytes, syntax: str) -> bytes:
+    import gdcm
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder, "in.dcm"), Path(folder, "out.dcm")
+        source.write_bytes(uncompressed)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(source))
+        if not reader.Read():
+            raise RuntimeError("GDCM cannot read the uncompressed file")
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(syntax)))
+        change.SetInput(reader.GetImage())
+        if not change.Change():
+            raise RuntimeError(f"GDCM cannot encode {syntax}")
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(target))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        if not writer.Write():
+            raise RuntimeError("GDCM cannot write the file")
+        return target.read_bytes()
 
 
 def png_header_only(width: int, height: int) -> bytes:

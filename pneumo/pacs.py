@@ -192,6 +192,8 @@ def describe_failure(error: BaseException) -> str:
         status = error.response.status_code if error.response is not None else "?"
         reason = error.response.reason if error.response is not None else ""
         return f"the PACS answered HTTP {status} {reason}".rstrip()
+    if isinstance(error, requests.exceptions.SSLError):
+        return f"the PACS's TLS certificate cannot be verified (is {ENV_CA_BUNDLE} or REQUESTS_CA_BUNDLE its CA?)"
     if isinstance(error, requests.Timeout):
         return "the PACS did not answer in time"
     if isinstance(error, requests.ConnectionError):

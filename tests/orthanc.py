@@ -11,13 +11,18 @@ command that installs them.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +44,7 @@ UNPRIVILEGED_USER = "nobody"
 class Orthanc:
     """A running Orthanc: its DICOMweb base URL, REST root, the one user's credentials, its log."""
 
-    url: str  # http://127.0.0.1:<port>
+    url: str  # http(s)://127.0.0.1:<port>
     username: str
     password: str
     log: Path
@@ -133,7 +138,8 @@ def run_orthanc(log_folder: Path, startup_seconds: float = 60) -> Iterator[Ortha
             pytest.fail(f"Orthanc started without its DICOMweb plugin (plugins: {plugins}):\n{log.read_text()[-3000:]}")
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -149,3 +155,90 @@ def upload(server: Orthanc, files: list[bytes]) -> None:
         answer.raise_for_status()
         if answer.json().get("Status") not in ("Success", "AlreadyStored"):
             raise AssertionError(f"Orthanc did not store an instance: {answer.json()}")
+
+
+def self_signed_certificate() -> tuple[bytes, bytes]:
+    """A certificate for 127.0.0.1 signed by its own key, valid for a day.
+
+    Returns:
+        The key and certificate in one PEM (what a TLS server loads), and the certificate alone
+        (the CA bundle a client verifies it with).
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pneumo test PACS")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    certificate_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    return key_pem + certificate_pem, certificate_pem
+
+
+@contextlib.contextmanager
+def tls_front(server: Orthanc, server_pem: Path) -> Iterator[str]:
+    """HTTPS in front of ``server``, as a TLS-terminating proxy (nginx, a load balancer) puts it in production.
+
+    Orthanc 1.10.1 as packaged in Debian 12 crashes on its own TLS handshake (``SslEnabled``), so
+    TLS ends here and the bytes go on to Orthanc's plain port unchanged. One thread per
+    connection relays both directions (a TLS socket is read and written from one thread only).
+
+    Yields:
+        The HTTPS base URL that leads to ``server``.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_pem)
+    listener = socket.create_server(("127.0.0.1", 0))
+    upstream = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+
+    def relay(tls: ssl.SSLSocket, backend: socket.socket) -> None:
+        with tls, backend:
+            while True:
+                readable, _, _ = select.select([tls, backend], [], [], 60)
+                if not readable:
+                    return
+                for source in readable:
+                    target = backend if source is tls else tls
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    target.sendall(data)
+                    while source is tls and tls.pending():
+                        backend.sendall(tls.recv(65536))
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # the listener was closed: the test is over
+                return
+            try:
+                tls = context.wrap_socket(client, server_side=True)
+            except (ssl.SSLError, OSError):  # a client that does not trust the certificate hangs up here
+                client.close()
+                continue
+            threading.Thread(target=relay, args=(tls, socket.create_connection(upstream)), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()

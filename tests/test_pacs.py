@@ -42,7 +42,7 @@ from pydicom.uid import (
 import xray_files as xf
 from conftest import SHARED_DATA, require_real_data
 from helpers import download, run_project
-from orthanc import Orthanc, run_orthanc, upload
+from orthanc import Orthanc, run_orthanc, self_signed_certificate, tls_front, upload
 from pneumo import pacs
 from pneumo.config import PacsConfig
 from pneumo.errors import ConfigError, DataError
@@ -382,6 +382,24 @@ def test_credentials_are_required_and_never_echoed(pacs_env, server, uploaded, m
         score_pacs(config)
     assert "not-the-password" not in str(refused.value)
     assert len(_reports(server, studies)) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_tls_is_verified_against_the_pacs_ca_bundle(server, uploaded, tmp_path, monkeypatch):
+    server_pem, certificate = self_signed_certificate()
+    (tmp_path / "server.pem").write_bytes(server_pem)
+    bundle = tmp_path / "pacs-ca.pem"
+    bundle.write_bytes(certificate)
+    # A process-wide bundle that does not know the PACS (certifi's public CAs): the PACS's own must win.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+    credentials = {pacs.ENV_USERNAME: server.username, pacs.ENV_PASSWORD: server.password}
+    with tls_front(server, tmp_path / "server.pem") as url:
+        with pytest.raises(requests.exceptions.SSLError) as refused:
+            pacs.find_instances(pacs.connect(f"{url}/dicom-web", 10, credentials), ["CR"])
+        assert "certificate cannot be verified" in pacs.describe_failure(refused.value)
+        trusted = pacs.connect(f"{url}/dicom-web", 10, credentials | {pacs.ENV_CA_BUNDLE: str(bundle)})
+        found = {ref.sop_uid for ref in pacs.find_instances(trusted, ["CR"], "20240101")}
+    assert found == {item.sop for item in uploaded if item.modality == "CR" and item.expect != "ignored"}
 
 
 def test_session_takes_credentials_and_ca_bundle_from_the_environment(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
@@ -62,7 +63,7 @@ DISCLAIMER = (
     "Automated second reader (pneumo): a classifier's output for a clinician to weigh, not a diagnosis. "
     "It was not reviewed by a person; the finding depends on the operating threshold stated here."
 )
-# Transfer syntaxes the SR is written in; and the instance-level media type asking for the stored one.
+# WADO-RS media type asking for an instance in the transfer syntax it is stored in.
 _STORED_SYNTAX = (("application/dicom", "*"),)
 _SR_MODALITY = "SR"
 
@@ -176,11 +177,12 @@ def check_url(url: str) -> None:
 def connect(url: str, timeout: float, environ: Mapping[str, str] | None = None) -> DICOMwebClient:
     """A DICOMweb client for the service at ``url``, authenticated from the environment.
 
-    dicomweb-client logs every request's UIDs at INFO level; UIDs identify patients' studies, so
-    its logger is held at WARNING.
+    dicomweb-client logs every request's UIDs at INFO level and names the instance in its own
+    error lines (a failed STOW-RS); UIDs identify patients' studies, so its logger is silenced
+    below CRITICAL, and score_pacs reports the same failures without them.
     """
     check_url(url)
-    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    logging.getLogger("dicomweb_client").setLevel(logging.CRITICAL)
     return DICOMwebClient(url.rstrip("/"), session=dicomweb_session(environ), timeout=timeout)
 
 
@@ -198,7 +200,7 @@ def describe_failure(error: BaseException) -> str:
         return "the PACS did not answer in time"
     if isinstance(error, requests.ConnectionError):
         return "the PACS cannot be reached"
-    if isinstance(error, pydicom.errors.InvalidDicomError):
+    if isinstance(error, InvalidDicomError):
         return "the PACS sent data that is not a DICOM instance"
     return f"{type(error).__name__} (details withheld: they may name the instance)"
 

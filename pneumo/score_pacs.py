@@ -13,6 +13,7 @@ recorded and the batch goes on. The MLflow run logs the counts, the timings, the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -160,8 +161,8 @@ def score_pacs(config: PacsConfig) -> str:
                 f"cannot search the PACS at {config.dicomweb_url}: {pacs.describe_failure(error)}"
             ) from error
         pending = []
-        for study_uid in dict.fromkeys(ref.study_uid for ref in found):
-            in_study = [ref for ref in found if ref.study_uid == study_uid]
+        for study_uid, group in itertools.groupby(found, key=lambda ref: ref.study_uid):  # found is sorted by study
+            in_study = list(group)
             try:
                 reported = pacs.reported_instances(client, study_uid, model)
             except Exception as error:  # noqa: BLE001  (scoring now could report an image twice)

@@ -108,8 +108,9 @@ def run_orthanc(log_folder: Path, startup_seconds: float = 60) -> Iterator[Ortha
     (root / "storage").mkdir()
     (root / "index").mkdir()
     username, password = "pneumo-reader", "a-test-password-" + os.urandom(6).hex()
-    http_port = free_port()
-    dicom_port = free_port()
+    http_port = dicom_port = free_port()
+    while dicom_port == http_port:  # two probes may be handed the same free port
+        dicom_port = free_port()
     config = root / "orthanc.json"
     config.write_text(json.dumps(_configuration(root, http_port, dicom_port, username, password), indent=2))
     log = log_folder / "orthanc.log"

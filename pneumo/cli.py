@@ -24,6 +24,7 @@ from pneumo.config import (
     DataConfig,
     DenseConfig,
     EvalConfig,
+    PacsConfig,
     ResNetConfig,
     TrainConfig,
     TuneConfig,
@@ -108,6 +109,10 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         "Fine-tune a model on a hospital's labelled images, with an out-of-fold threshold and figures.",
         (DataConfig, AdaptConfig),
         hidden=_MODEL_INPUT,
+    ),
+    "score_pacs": EntryPoint(
+        "Score a PACS's CR/DX images over DICOMweb and store one DICOM SR per image in its study.",
+        (PacsConfig,),
     ),
 }
 

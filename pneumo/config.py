@@ -626,3 +626,50 @@ __all__ = [
     "replace_fields",
     "json_text",
 ]
+
+
+@dataclass
+class PacsConfig(_Checked):
+    """Where the PACS is, which images to score with which model (credentials: environment only)."""
+
+    # DICOMweb base URL (QIDO-RS, WADO-RS and STOW-RS under it), e.g. https://pacs.example.org/dicom-web.
+    # Never with credentials in it: PNEUMO_DICOMWEB_USERNAME/PASSWORD or PNEUMO_DICOMWEB_TOKEN.
+    dicomweb_url: str = ""
+    # runs:/<id>/model, models:/<name>@<alias> or models:/<name>/<version>; an alias is resolved to
+    # its version once, at the start, and that version scores the whole batch.
+    model_uri: str = "models:/pneumonia-classifier@champion"
+    # Comma-separated modalities of the series to score (CR computed radiography, DX digital X-ray).
+    modalities: str = "CR,DX"
+    # Study date range, YYYYMMDD, inclusive; empty = open at that end.
+    study_date_from: str = ""
+    study_date_to: str = ""
+    # Images decoded and predicted together.
+    batch_size: int = 16
+    # Seconds each DICOMweb request may take.
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from pneumo.pacs import check_url  # pneumo.pacs imports highdicom: only when a PacsConfig is made
+
+        check_url(self.dicomweb_url)
+        for name in ("study_date_from", "study_date_to"):
+            value = getattr(self, name)
+            if value and not (len(value) == 8 and value.isdigit()):
+                raise ConfigError(f"{name} must be a date as YYYYMMDD or empty")
+        if self.study_date_from and self.study_date_to and self.study_date_from > self.study_date_to:
+            raise ConfigError("study_date_from is after study_date_to")
+        modalities = self.modality_list()
+        if not modalities or any(not (m.isalpha() and m.isupper() and len(m) <= 16) for m in modalities):
+            raise ConfigError("modalities must be comma-separated DICOM modality codes, e.g. CR,DX")
+        if "SR" in modalities:
+            raise ConfigError("modalities must not include SR: reports are written, not scored")
+        if self.batch_size < 1 or self.timeout <= 0:
+            raise ConfigError("batch_size must be at least 1 and timeout positive")
+
+    def modality_list(self) -> list[str]:
+        """The modalities as a list, in the order given, without repeats."""
+        return list(dict.fromkeys(part.strip() for part in self.modalities.split(",") if part.strip()))
+
+
+__all__.append("PacsConfig")

@@ -166,10 +166,9 @@ def header_pixels(data: bytes) -> int:
 
         try:
             # Image.open reads the header only; over Pillow's own bomb limit it raises (counted as 0).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
-                    width, height = image.size
+            # Its DecompressionBombWarning (sizes only) is left alone: catch_warnings is not thread-safe.
+            with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
+                width, height = image.size
         except Exception:  # noqa: BLE001  (not an image: the decoder says so, by row)
             return 0
     pixels = width * height

@@ -76,7 +76,7 @@ _MAX_JSON_SEPARATORS = MAX_ROWS * (2 * MAX_COLUMNS + 4) + 256
 _MAX_CSV_QUOTES = 4 * (MAX_ROWS + 1) * MAX_COLUMNS
 _FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 _FORMATS_TEXT = "dataframe_split, dataframe_records, inputs or instances"
-_CSV, _JSON, _PARQUET = "text/csv", "application/json", "application/vnd.apache.parquet"
+_CSV, _JSON = "text/csv", "application/json"
 _DICOM_DEFLATED = "1.2.840.10008.1.2.1.99"
 _DICOM_IMPLICIT = "1.2.840.10008.1.2"
 _DICOM_BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -471,7 +471,7 @@ def read_request(data: bytes | str, mime_type: str, params_schema: Any) -> dict:
 
     Args:
         data: The body as received.
-        mime_type: ``application/json``, ``text/csv`` or ``application/vnd.apache.parquet``.
+        mime_type: ``application/json`` or ``text/csv`` (anything else is refused).
         params_schema: The model's params schema.
 
     Returns:
@@ -503,26 +503,9 @@ def read_request(data: bytes | str, mime_type: str, params_schema: Any) -> dict:
         except Exception as error:  # noqa: BLE001  (pandas' messages may quote the text)
             raise RequestError(f"the CSV body cannot be parsed ({type(error).__name__})") from None
         return _rebuilt(_frame_cells(frame), None)
-    if mime_type == _PARQUET:
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.ParquetFile(io.BytesIO(body))
-            rows, names = table.metadata.num_rows, table.schema_arrow.names
-        except Exception as error:  # noqa: BLE001
-            raise RequestError(f"the Parquet body cannot be read ({type(error).__name__})") from None
-        if rows > MAX_ROWS:
-            raise _too_many_rows(rows)
-        if IMAGE_COLUMN not in names:
-            raise _missing_column()
-        try:
-            frame = table.read(columns=[IMAGE_COLUMN]).to_pandas()
-        except Exception as error:  # noqa: BLE001
-            raise RequestError(f"the Parquet body cannot be read ({type(error).__name__})") from None
-        return _rebuilt(_frame_cells(frame), None)
-    raise RequestError(
-        f"content type not accepted: send {_JSON} (or {_CSV}, {_PARQUET}), UTF-8", error_code=BAD_REQUEST
-    )
+    # Parquet is refused too: its row count is only known by reading its footer with pyarrow,
+    # which the served model does not depend on, and no client of this model sends it.
+    raise RequestError(f"content type not accepted: send {_JSON} (or {_CSV}), UTF-8", error_code=BAD_REQUEST)
 
 
 def _mime_type(content_type: str | None) -> str | None:

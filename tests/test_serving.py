@@ -339,6 +339,8 @@ def test_server_log_holds_no_request_data(server, unseen, good_cell):
     extra = {"dataframe_split": {"columns": [MARK, IMAGE_COLUMN], "data": [[PHI, good_cell]]}}
     assert predictions(server.invoke(extra))["label"].iloc[0] in CLASS_NAMES
     assert len(predictions(server.invoke({"dataframe_records": [{IMAGE_COLUMN: good_cell, MARK: 1}]}))) == 1
+    csv = f"{MARK},{IMAGE_COLUMN}\n{PHI},{good_cell}\n".encode()
+    assert len(predictions(server.invoke(csv, "text/csv"))) == 1
     log = server.log.read_text(errors="replace")
     assert MARK not in log and "Found extra inputs" not in log and "Unrecognized params" not in log
     for body in sent:

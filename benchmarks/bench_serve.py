@@ -4,12 +4,18 @@ Reports, per client count: requests (= images) per second, p50 and p95 latency n
 in-process decode + forward time for one image, errors, and the server's RSS (all its processes)
 before and after.
 
+With ``--heavy`` it measures instead what one heavy request costs the others (issue 18 §3): for
+30 MB of empty rows, 64 rows of 25-Mpx 16-bit PNG (refused), and 8 such rows of a real X-ray (at
+the pixel budget, decoded), how long the answer took, how long /ping and a one-image request
+took while it was in flight, and the server's RSS before and after.
+
 Without ``--model-uri`` it serves the main job's network (default ``aug_cnn``: 128 px grayscale,
 untrained weights: serving cost does not depend on the weights), logged through
 ``pneumo.model_io.log_model`` into a temporary tracking store, exactly as training logs models.
 
     python benchmarks/bench_serve.py [--clients 1 8] [--seconds 60] [--workers 1] [--model-uri URI]
                                      [--env PNEUMO_SERVE_THREADS=2] [--data_dir ../shared/data/chest_xray]
+    python benchmarks/bench_serve.py --heavy
 """
 
 from __future__ import annotations
@@ -148,6 +154,79 @@ def load(url: str, bodies: list[str], clients: int, seconds: float) -> dict:
     }
 
 
+def png16(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint16)).save(buffer, "PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+def heavy_bodies(xray: Path) -> dict[str, bytes]:
+    """The heavy requests of issue 18 §3, as JSON bodies."""
+    from PIL import Image
+
+    def split(cells: list[bytes]) -> bytes:
+        rows = [[base64.b64encode(cell).decode()] for cell in cells]
+        return json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+
+    side = 5000  # 25 M pixels, the per-image budget
+    ramp = np.add.outer(np.arange(side), np.arange(side)) * 6  # smooth: ~300 kB as a 16-bit PNG, as in the issue
+    gray = Image.open(xray).convert("L").resize((side, side), Image.Resampling.BILINEAR)
+    return {
+        "30 MB of empty rows": b'{"dataframe_records": [' + b"{}, " * 7_500_000 + b"{}]}",
+        "64 x 25-Mpx 16-bit PNG": split([png16(ramp)] * 64),
+        "8 x 25-Mpx 16-bit PNG (real X-ray, at the budget)": split(
+            [png16(np.asarray(gray).astype(np.uint16) * 257)] * 8
+        ),
+    }
+
+
+def in_flight(url: str, process: subprocess.Popen, body: bytes, small: str) -> dict:
+    """Post ``body``; while it is in flight, alternately time /ping and a one-image request, and sample RSS."""
+    answer: dict = {}
+
+    def post() -> None:
+        start = time.perf_counter()
+        response = requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        answer.update(seconds=time.perf_counter() - start, status=response.status_code)
+        answer.update(message=response.json().get("message", "")[:120] if response.status_code != 200 else "")
+
+    def timed(call) -> float:
+        start = time.perf_counter()
+        call()
+        return (time.perf_counter() - start) * 1000
+
+    rss_before = peak = server_rss_mb(process)
+    thread = threading.Thread(target=post)
+    thread.start()
+    pings, smalls = [], []
+    headers = {"Content-Type": "application/json"}
+    while thread.is_alive():
+        pings.append(timed(lambda: requests.get(f"{url}/ping", timeout=600)))
+        if thread.is_alive():
+            smalls.append(timed(lambda: requests.post(f"{url}/invocations", data=small, headers=headers)))
+        peak = max(peak, server_rss_mb(process))
+    thread.join()
+
+    def stats(values: list[float]) -> dict:
+        if not values:
+            return {"n": 0}
+        return {"n": len(values), "p50_ms": round(float(np.median(values)), 1), "max_ms": round(max(values), 1)}
+
+    return {
+        "body_mb": round(len(body) / 1e6, 1),
+        "status": answer["status"],
+        "answer_s": round(answer["seconds"], 2),
+        "message": answer["message"],
+        "ping_in_flight": stats(pings),
+        "one_image_in_flight": stats(smalls),
+        "rss_peak_growth_mb": round(peak - rss_before),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
@@ -156,6 +235,7 @@ def main() -> None:
     parser.add_argument("--model-uri", default="")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server's environment")
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--heavy", action="store_true", help="measure heavy requests instead of load")
     parser.add_argument(
         "--data_dir", default=os.environ.get("PNEUMO_SHARED_DATA", str(REPO.parent / "shared" / "data" / "chest_xray"))
     )
@@ -177,6 +257,18 @@ def main() -> None:
             env["MLFLOW_TRACKING_URI"], model_uri = log_default_model(Path(folder))
             os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
         env.update(item.split("=", 1) for item in args.env)
+        if args.heavy:
+            process, url = start_server(model_uri, env, args.workers, Path(folder) / "serve.log")
+            try:
+                load(url, bodies, 1, 3)  # warm-up
+                results = {
+                    name: in_flight(url, process, body, bodies[0]) for name, body in heavy_bodies(files[0]).items()
+                }
+            finally:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+            print(json.dumps(results, indent=1))
+            return
         bare = bare_latency_ms(model_uri, files)
         process, url = start_server(model_uri, env, args.workers, Path(folder) / "serve.log")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,17 @@ import pandas as pd
 from pneumo import CLASS_NAMES
 from pneumo.contract import read_contract
 from pneumo.errors import ImageError
-from pneumo.limits import RequestError, bound_threads, guard_scoring_server, refuse_safely, strip_base64
+from pneumo.limits import (
+    PredictionSlots,
+    RequestError,
+    bound_threads,
+    check_decode_time,
+    check_request_pixels,
+    guard_scoring_server,
+    refuse_safely,
+    strip_base64,
+    withhold_decoder_messages,
+)
 from pneumo.model_io import (
     CONFIG_ARTIFACT,
     IMAGE_COLUMN,
@@ -44,6 +55,15 @@ def decode_base64_image(value: Any, spec: InputSpec) -> np.ndarray:
         ImageError: The cell is not base64 text, or its bytes are not a usable image; the message
             says which.
     """
+    return decode_image(base64_payload(value), spec)
+
+
+def base64_payload(value: Any) -> bytes:
+    """The file bytes of one ``image`` cell (base64 text), not yet decoded as an image.
+
+    Raises:
+        ImageError: The cell is null, not text, empty or not valid base64; the message says which.
+    """
     if value is None or (isinstance(value, float) and np.isnan(value)):
         raise ImageError(f"'{IMAGE_COLUMN}' is missing (null)")
     if not isinstance(value, (str, bytes)):
@@ -56,10 +76,9 @@ def decode_base64_image(value: Any, spec: InputSpec) -> np.ndarray:
     if not text:
         raise ImageError(f"'{IMAGE_COLUMN}' is an empty string")
     try:
-        payload = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ImageError(f"'{IMAGE_COLUMN}' is not valid base64 ({error})") from error
-    return decode_image(payload, spec)
 
 
 def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
@@ -81,6 +100,8 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         """Load the Keras model (safe mode) and its configuration from the logged artifacts."""
         guard_scoring_server()  # no answer of the server may echo the request (pneumo.limits)
+        withhold_decoder_messages()  # nor may its log quote a file's header
+        self.slots = PredictionSlots.from_environment()
         bound_threads()  # before the model is loaded: TensorFlow's pools are fixed at its first op
         self.contract = read_contract(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         self.model = load_keras_model(context.artifacts[MODEL_ARTIFACT])
@@ -102,19 +123,35 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
             ``label``, ``probability`` (of pneumonia) and ``threshold`` per row.
 
         Raises:
-            MlflowException: (HTTP 400) the column is missing, or rows cannot be decoded; the
-                message names each bad row and its problem.
+            RequestError: (HTTP 400) the column is missing, a limit of :mod:`pneumo.limits` is
+                exceeded (rows, base64, the request's pixels from the headers, decoding time),
+                or rows cannot be decoded; the message names the limit, or each bad row and its problem.
         """
         spec = self.contract.input_spec
-        images, errors = [], []
-        # Every row is decoded before any compute is spent, so one response lists all bad rows.
+        payloads: list[bytes | None] = []
+        errors: dict[int, str] = {}
         for row, value in enumerate(model_input[IMAGE_COLUMN]):
             try:
-                images.append(decode_base64_image(value, spec))
+                payloads.append(base64_payload(value))
             except ImageError as error:
-                errors.append(f"row {row}: {error}")
+                payloads.append(None)
+                errors[row] = str(error)
+        # The whole request's pixels are summed from the headers before any is decoded, and
+        # decoding runs outside the prediction slot: a heavy request is refused fast, and one
+        # being decoded does not hold up the others' forward passes.
+        check_request_pixels(payloads)
+        images = []
+        started = time.monotonic()
+        for row, payload in enumerate(payloads):
+            if payload is None:
+                continue
+            check_decode_time(time.monotonic() - started)
+            try:
+                images.append(decode_image(payload, spec))
+            except ImageError as error:
+                errors[row] = str(error)
         if errors:
-            listed = "; ".join(errors[:_MAX_LISTED_ERRORS])
+            listed = "; ".join(f"row {row}: {errors[row]}" for row in sorted(errors)[:_MAX_LISTED_ERRORS])
             more = f"; and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
             raise RequestError(
                 f"{len(errors)} of {len(model_input)} row(s) are not usable images, nothing was predicted: "
@@ -123,4 +160,6 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         side = spec.image_size
         batch = np.stack(images) if images else np.zeros((0, side, side, spec.channels), np.uint8)
         tta = bool((params or {}).get("tta", False))
-        return label_frame(predict_probabilities(self.model, batch, tta), self.contract.threshold)
+        with self.slots:  # only the forward pass waits for a slot
+            probabilities = predict_probabilities(self.model, batch, tta)
+        return label_frame(probabilities, self.contract.threshold)

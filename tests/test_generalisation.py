@@ -21,7 +21,7 @@ from pneumo.data import ids_shared_with_training
 from pneumo.errors import ConfigError
 from pneumo.evaluate import evaluate
 from pneumo.metrics import bootstrap_intervals, positives_needed
-from pneumo.model_io import OUTPUT_COLUMNS, encode_file
+from pneumo.model_io import OUTPUT_COLUMNS, encode_file, load_trained_model
 from pneumo.preprocessing import InputSpec, clahe, decode_file
 
 pytest_plugins = ["model_fixtures"]
@@ -183,8 +183,14 @@ def test_site_version_carries_its_threshold_and_leaves_the_original_untouched(mo
             run_id=run_id, artifact_path="site_calibration.json", dst_path=str(tmp_path)
         )
     )
-    assert details["version"] == str(site.version) and details["target_sensitivity"] == 0.9
-    point, low, high = (details["intervals"]["sensitivity"][k] for k in ("estimate", "low", "high"))
+    assert details["threshold"] == pytest.approx(metrics["site_threshold"]) and details["target_sensitivity"] == 0.9
+    # The site version's contract carries its lineage and its (in-sample) site figures with intervals.
+    contract = load_trained_model(f"models:/{name}@site").contract
+    assert contract.lineage.method == "site calibration"
+    assert contract.lineage.parent_uri == models_store.model_uri(models_store.aug_cnn)
+    assert contract.site.target_sensitivity == 0.9 and contract.threshold == pytest.approx(metrics["site_threshold"])
+    point, low, high = contract.site.figures.intervals["sensitivity"]
     assert 0.9 <= point and low <= point <= high
+    assert "in sample" in contract.site.figures.on
     # Intervals of the evaluated split at the model's own threshold are logged too.
     assert metrics["train_roc_auc_ci_low"] <= metrics["train_roc_auc"] <= metrics["train_roc_auc_ci_high"]

@@ -33,6 +33,7 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -271,8 +272,8 @@ def _rehearsal_images(parent: TrainedModel, data: DataConfig, config: AdaptConfi
     manifest = _parent_manifest(parent, data)
     frame = manifest.split("train")
     per_class = max(8, round(config.rehearsal * 200))  # plenty for a few hundred site images
-    picks = frame.groupby("label", group_keys=False).apply(
-        lambda rows: rows.sample(min(len(rows), per_class), random_state=data.seed)
+    picks = pd.concat(
+        rows.sample(min(len(rows), per_class), random_state=data.seed) for _, rows in frame.groupby("label")
     )
     return pipeline.load_split(
         picks.reset_index(drop=True), manifest.data_dir, parent.contract.input_spec, data.cache_dir

@@ -81,6 +81,10 @@ class DataConfig(_Checked):
     equalize: Equalizer = "clahe-pneumo"
     # Folder for the decoded-image cache (.npz per manifest and input spec); empty = no disk cache.
     cache_dir: str = "outputs/cache"
+    # Put patient X-rays into MLflow artifacts: the augmentation grid and evaluate's error gallery.
+    # Off: the grid shows synthetic chests and no gallery is drawn, so no artifact holds patient
+    # pixels (README, "Patient data: what holds it").
+    patient_images: bool = False
     # Seed for the split, the sampling, the augmentation and the weights.
     seed: int = 42
 

@@ -66,7 +66,10 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
         _log_without_shared_ids(manifest, predicted, threshold, config.split)
         title = f"{_model_name(trained)} on {config.split} ({len(predicted.labels)} images)"
         _log_figures(trained, predicted, threshold, config.split, title)
-        _log_error_gallery(trained, predicted, threshold, manifest.data_dir, config.gallery_size, title)
+        if data.patient_images and config.gallery_size > 0:
+            _log_error_gallery(trained, predicted, threshold, manifest.data_dir, config.gallery_size, title)
+        else:
+            mlflow.set_tag("pneumo.gradcam", "no gallery: patient images are kept out of artifacts (patient_images)")
         if site_threshold is not None:
             _register_site_version(trained, predicted, site_threshold, config, manifest)
         if config.register:

@@ -89,7 +89,8 @@ def plot_class_distribution(manifest: pd.DataFrame, title: str = "Images per cla
 def plot_image_grid(images: np.ndarray, titles: list[str], title: str, columns: int = 8) -> plt.Figure:
     """Show uint8 or 0..255 float images in a grid (e.g. augmented training samples)."""
     rows = int(np.ceil(len(images) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
+    # Room above each tile for a two-line caption, so captions never sit on the image above.
+    figure, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.4 * rows), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
     for axis, image, label in zip(axes.ravel(), images, titles):

@@ -28,6 +28,7 @@ from pneumo.augmentation import build_augmenter
 from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, RunConfigs, TrainConfig
 from pneumo.contract import Figures, ModelContract
 from pneumo.data import patient_key
+from pneumo.synthetic import synthetic_chests
 
 log = logging.getLogger(__name__)
 # Patient-grouped bootstrap resamples behind the validation intervals stored with every model.
@@ -291,21 +292,35 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
     return contract
 
 
-def log_augmentation_grid(train_set: pipeline.ImageSet, augment: AugmentConfig, seed: int, count: int = 16) -> None:
-    """Log a grid of the same training images before and after augmentation."""
+def log_augmentation_grid(
+    train_set: pipeline.ImageSet, augment: AugmentConfig, seed: int, patient_images: bool, count: int = 16
+) -> None:
+    """Log a grid of the same images before and after augmentation: training images, or synthetic chests.
+
+    Args:
+        train_set: The training images.
+        augment: The augmentation ranges.
+        seed: Seed of the picks and the augmentation.
+        patient_images: Show training X-rays; otherwise synthetic chests of the same size, so the
+            artifact holds no patient's pixels.
+        count: Tiles in all (half originals, half augmented).
+    """
     rng = np.random.default_rng(seed)
-    picks = rng.choice(len(train_set.labels), size=min(count // 2, len(train_set.labels)), replace=False)
-    originals = train_set.images[picks].astype(np.float32)
+    shown = min(count // 2, len(train_set.labels))
+    if patient_images:
+        picks = rng.choice(len(train_set.labels), size=shown, replace=False)
+        originals = train_set.images[picks].astype(np.float32)
+        names = [CLASS_NAMES[label] for label in train_set.labels[picks]]
+        title = "Training samples: originals (top) and augmented (bottom)"
+    else:
+        side, channels = train_set.images.shape[1], train_set.images.shape[3]
+        originals = np.repeat(synthetic_chests(shown, side, seed), channels, axis=-1).astype(np.float32)
+        names = ["synthetic"] * shown
+        title = "Synthetic chests (no patient images): originals (top) and augmented (bottom)"
     augmented = np.asarray(build_augmenter(augment, seed)(originals, training=True))
     images = np.concatenate([originals, augmented])
-    names = [CLASS_NAMES[label] for label in train_set.labels[picks]]
-    titles = [f"{n} (original)" for n in names] + [f"{n} (augmented)" for n in names]
-    tracking.log_figure(
-        plots.plot_image_grid(
-            images, titles, "Training samples: originals (top) and augmented (bottom)", columns=len(picks)
-        ),
-        "plots/augmented_samples.png",
-    )
+    titles = [f"{n}\noriginal" for n in names] + [f"{n}\naugmented" for n in names]
+    tracking.log_figure(plots.plot_image_grid(images, titles, title, columns=shown), "plots/augmented_samples.png")
 
 
 def train_model(
@@ -332,7 +347,7 @@ def train_model(
     set_up_keras(configs.data.seed, configs.train.precision)
     data = data or load_training_data(configs.data)
     if configs.augment is not None and not tuning_trial:
-        log_augmentation_grid(data.train, configs.augment, configs.data.seed)
+        log_augmentation_grid(data.train, configs.augment, configs.data.seed, configs.data.patient_images)
     strategy = distribute.choose_strategy(configs.train.distribute)
     train = distribute.global_batch(configs.train, strategy)
     if not tuning_trial:

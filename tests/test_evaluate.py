@@ -32,9 +32,11 @@ FIGURES = (
 )
 
 
-def evaluate_model(store, **changes) -> str:
+def evaluate_model(store, patient_images: bool = True, **changes) -> str:
     """Run ``evaluate`` in this process on the session's manifest (validation split unless changed)."""
-    data = DataConfig(data_dir=str(store.data_dir), manifest=store.manifest, cache_dir="")
+    data = DataConfig(
+        data_dir=str(store.data_dir), manifest=store.manifest, cache_dir="", patient_images=patient_images
+    )
     return evaluate(data, EvalConfig(**{"split": "val", **changes}))
 
 
@@ -154,6 +156,14 @@ def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path)
     )
     assert again.data.tags["pneumo.registration"] == "already champion (version 2)"
     assert len(client.search_model_versions(f"name = '{REGISTERED}'")) == 3
+
+
+@pytest.mark.slow
+def test_by_default_no_patient_image_reaches_the_artifacts(models_store):
+    run_id = evaluate_model(models_store, patient_images=False)
+    logged = {item.path for item in MlflowClient().list_artifacts(run_id, "plots")}
+    assert "plots/error_gallery.png" not in logged and "plots/roc_curve.png" in logged
+    assert mlflow.get_run(run_id).data.tags["pneumo.gradcam"].startswith("no gallery: patient images are kept out")
 
 
 @pytest.mark.slow

@@ -450,6 +450,7 @@ def _adapted_contract(
             on=f"{parent.contract.validation.on}: the parent's figures, not re-measured after adaptation",
         ),
         run_id=mlflow.active_run().info.run_id,
+        code_version=tracking.code_version(),
         lineage=Lineage(
             method="site adaptation",
             parent_uri=config.model_uri,

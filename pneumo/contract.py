@@ -109,6 +109,8 @@ class ModelContract:
         hyperparameters: ``{config name: fields}`` of the run that made it (:meth:`RunConfigs.as_dict`).
         validation: Its figures on the training hospital's validation split.
         run_id: The MLflow run that logged it.
+        code_version: The git commit of the code that trained it (MLflow's ``mlflow.source.git.commit``
+            of that run; empty when it did not run from a git checkout).
         cross_validation: ``cv``'s fold summary, for models refitted after cross-validation.
         lineage: For a site version, where it came from.
         site: For a site version, how it was fitted to the site and how it did there.
@@ -122,6 +124,7 @@ class ModelContract:
     hyperparameters: dict[str, dict[str, Any]]
     validation: Figures
     run_id: str | None = None
+    code_version: str = ""
     class_names: tuple[str, ...] = CLASS_NAMES
     cross_validation: dict[str, float] | None = None
     lineage: Lineage | None = None
@@ -245,6 +248,7 @@ def parse_contract(payload: Any) -> ModelContract:
             hyperparameters=dict(fields.get("hyperparameters", {})),
             validation=_figures(fields["validation"]),
             run_id=fields.get("run_id"),
+            code_version=str(fields.get("code_version", "")),
             class_names=tuple(fields.get("class_names", CLASS_NAMES)),
             cross_validation=fields.get("cross_validation"),
             lineage=Lineage(**lineage) if lineage else None,

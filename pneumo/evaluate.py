@@ -316,6 +316,7 @@ def _register_site_version(
     contract = trained.contract.derived(
         threshold=float(threshold),
         threshold_rule=f"site sample sensitivity >= {config.site_sensitivity}",
+        run_id=mlflow.active_run().info.run_id,
         lineage=Lineage(
             method="site calibration",
             parent_uri=trained.uri,

@@ -31,10 +31,16 @@ IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "keras_model"
 CONFIG_ARTIFACT = "model_config"
 OUTPUT_COLUMNS = ("label", "probability", "threshold")
+# Which model answered, on every served row: the logged model's MLflow id (a registered version's
+# source is models:/<model_id>), its training run and the git commit of the code that trained it.
+IDENTITY_COLUMNS = ("model_id", "model_run_id", "code_version")
 # Optional on purpose: MLflow refuses a missing required column with a message that echoes the
 # request's data; an optional one is dropped, and pneumo.limits.check_request refuses it instead.
 INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN, required=False)])
-OUTPUT_SCHEMA = Schema([ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")])
+OUTPUT_SCHEMA = Schema(
+    [ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")]
+    + [ColSpec("string", name) for name in IDENTITY_COLUMNS]
+)
 # Request parameters: {"params": {"tta": true}} averages over the fixed test-time views.
 PARAMS_SCHEMA = ParamSchema([ParamSpec("tta", "boolean", False)])
 # Packages the served model imports, pinned to the versions it was trained with; only one

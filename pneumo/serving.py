@@ -19,6 +19,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.models import Model
 
 from pneumo import CLASS_NAMES
 from pneumo.contract import read_contract
@@ -36,6 +37,7 @@ from pneumo.limits import (
 )
 from pneumo.model_io import (
     CONFIG_ARTIFACT,
+    IDENTITY_COLUMNS,
     IMAGE_COLUMN,
     MODEL_ARTIFACT,
     OUTPUT_COLUMNS,
@@ -103,8 +105,12 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         withhold_decoder_messages()  # nor may its log quote a file's header
         self.slots = PredictionSlots.from_environment()
         bound_threads()  # before the model is loaded: TensorFlow's pools are fixed at its first op
-        self.contract = read_contract(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
+        config_path = Path(context.artifacts[CONFIG_ARTIFACT])
+        self.contract = read_contract(config_path.read_text())
         self.model = load_keras_model(context.artifacts[MODEL_ARTIFACT])
+        # The model folder holds MLmodel above its artifacts/ folder: its id names this very model.
+        model_id = Model.load(str(config_path.parents[1])).model_id or ""
+        self.identity = dict(zip(IDENTITY_COLUMNS, (model_id, self.contract.run_id or "", self.contract.code_version)))
 
     # The pd.DataFrame hints silence MLflow's "add type hints" advice without replacing the
     # explicit signature: MLflow infers no schema from a DataFrame hint.
@@ -120,7 +126,10 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
                 is always the one chosen on validation at training time.
 
         Returns:
-            ``label``, ``probability`` (of pneumonia) and ``threshold`` per row.
+            ``label``, ``probability`` (of pneumonia) and ``threshold`` per row, then which model
+            answered: ``model_id`` (MLflow's logged-model id; a registered version's source is
+            ``models:/<model_id>``), ``model_run_id`` (its training run) and ``code_version`` (the
+            git commit that trained it).
 
         Raises:
             RequestError: (HTTP 400) the column is missing, a limit of :mod:`pneumo.limits` is
@@ -162,4 +171,4 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         tta = bool((params or {}).get("tta", False))
         with self.slots:  # only the forward pass waits for a slot
             probabilities = predict_probabilities(self.model, batch, tta)
-        return label_frame(probabilities, self.contract.threshold)
+        return label_frame(probabilities, self.contract.threshold).assign(**self.identity)

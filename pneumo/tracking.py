@@ -85,6 +85,11 @@ def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = 
         yield run
 
 
+def code_version() -> str:
+    """The git commit the active run's code came from (MLflow's ``mlflow.source.git.commit``), or empty."""
+    return mlflow.active_run().data.tags.get("mlflow.source.git.commit", "")
+
+
 def log_figure(figure: plt.Figure, artifact_file: str) -> None:
     """Log a matplotlib figure as a PNG artifact and close it."""
     mlflow.log_figure(figure, artifact_file)

@@ -286,6 +286,7 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
         hyperparameters=configs.as_dict(),
         validation=figures,
         run_id=mlflow.active_run().info.run_id,
+        code_version=tracking.code_version(),
         cross_validation=result.cross_validation,
     )
     model_io.log_model(result.model, contract)

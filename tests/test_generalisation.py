@@ -21,7 +21,7 @@ from pneumo.data import ids_shared_with_training
 from pneumo.errors import ConfigError
 from pneumo.evaluate import evaluate
 from pneumo.metrics import bootstrap_intervals, positives_needed
-from pneumo.model_io import OUTPUT_COLUMNS, encode_file, load_trained_model
+from pneumo.model_io import IDENTITY_COLUMNS, OUTPUT_COLUMNS, encode_file, load_trained_model
 from pneumo.preprocessing import InputSpec, clahe, decode_file
 
 pytest_plugins = ["model_fixtures"]
@@ -138,7 +138,7 @@ def test_tta_pyfunc_keeps_the_serving_contract_and_is_deterministic(models_store
     frame = pd.DataFrame({"image": [encode_file(f) for f in files]})
     plain = model.predict(frame)
     first, second = model.predict(frame, params={"tta": True}), model.predict(frame, params={"tta": True})
-    assert list(first.columns) == list(plain.columns) == list(OUTPUT_COLUMNS)
+    assert list(first.columns) == list(plain.columns) == [*OUTPUT_COLUMNS, *IDENTITY_COLUMNS]
     pd.testing.assert_frame_equal(first, second)
     assert (first["threshold"] == plain["threshold"]).all()
     assert not np.allclose(first["probability"], plain["probability"])

@@ -99,7 +99,10 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
         + sorted((small_data / "train" / "NORMAL").iterdir())[:2]
     )
     out = model.predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))
-    assert list(out.columns) == ["label", "probability", "threshold"]
+    assert list(out.columns) == ["label", "probability", "threshold", "model_id", "model_run_id", "code_version"]
+    # Every row says which model answered: this run's logged model, and the commit that trained it.
+    assert (out["model_run_id"] == run_id).all() and out["model_id"].str.startswith("m-").all()
+    assert (out["code_version"] == run.data.tags.get("mlflow.source.git.commit", "")).all()
     assert out["probability"].between(0, 1).all()
     assert (out["threshold"] == threshold["threshold"]).all()
     # Any training run's id works as the manifest of a later run (same images, same data folder).

@@ -143,7 +143,7 @@ def good_cell(unseen) -> str:
 def predictions(response: requests.Response) -> pd.DataFrame:
     assert response.status_code == 200, response.text[:2000]
     frame = pd.DataFrame(response.json()["predictions"])
-    assert list(frame.columns) == ["label", "probability", "threshold"]
+    assert list(frame.columns) == ["label", "probability", "threshold", "model_id", "model_run_id", "code_version"]
     return frame
 
 
@@ -380,7 +380,14 @@ def test_logged_signature_and_input_example_work_over_http(server, models_store,
     local = Path(mlflow.artifacts.download_artifacts(SERVED_URI, dst_path=str(tmp_path)))
     model = Model.load(str(local))
     assert model.signature.inputs.input_names() == [IMAGE_COLUMN]
-    assert model.signature.outputs.input_names() == ["label", "probability", "threshold"]
+    assert model.signature.outputs.input_names() == [
+        "label",
+        "probability",
+        "threshold",
+        "model_id",
+        "model_run_id",
+        "code_version",
+    ]
     # MLflow's own serving example is answered with a class, and it is the synthetic image, no patient's.
     example = (local / model.saved_input_example_info["serving_input_path"]).read_text()
     assert predictions(server.invoke(example))["label"].iloc[0] in CLASS_NAMES

@@ -1,4 +1,4 @@
-"""Where runs land: the named experiment ``pneumo`` (not ``Default``), tagged so the MLflow UI opens on training runs.
+"""Where runs land: the named experiment ``pneumo`` (not ``Default``).
 
 :class:`PneumoExperimentProvider` is an MLflow default-experiment provider, registered in
 ``pyproject.toml`` under the entry-point group ``mlflow.default_experiment_provider``. MLflow asks
@@ -17,9 +17,6 @@ import os
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "pneumo"
-# MLflow 3's UI opens an experiment without this tag on the GenAI "Traces" overview.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
 
 
 def use_default_experiment() -> None:
@@ -44,14 +41,8 @@ def _in_project_folder() -> bool:
     return any(line.strip() == "name: pneumo" for line in text.splitlines())
 
 
-def tag_experiment_kind(client, experiment) -> None:
-    """Tag ``experiment`` as model development unless it already has a kind."""
-    if experiment is not None and EXPERIMENT_KIND_TAG not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-
-
 def default_experiment_id() -> str:
-    """The id of the experiment ``pneumo`` in the current tracking store, created (and tagged) when missing."""
+    """The id of the experiment ``pneumo`` in the current tracking store, created when missing."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -59,12 +50,11 @@ def default_experiment_id() -> str:
     experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
     if experiment is None:
         try:
-            return client.create_experiment(DEFAULT_EXPERIMENT, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(DEFAULT_EXPERIMENT)
         except MlflowException:  # another process (a parallel tune worker) created it first
             experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
             if experiment is None:
                 raise
-    tag_experiment_kind(client, experiment)
     return experiment.experiment_id
 
 

@@ -15,12 +15,10 @@ from typing import Any, Iterator
 import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import name_utils
 
 from pneumo.config import RunConfigs, json_text
-from pneumo.experiment import tag_experiment_kind
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_TAG = "pneumo.entry_point"
@@ -57,8 +55,6 @@ def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = 
     The code version is MLflow's own tag ``mlflow.source.git.commit``, set when the run is started
     from the checkout (``mlflow run`` or ``python -m entrypoints.X``). Top-level runs log MLflow's
     system metrics (``system/...``) unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise.
-    The run's experiment is tagged ``mlflow.experimentKind=custom_model_development`` (unless it
-    has a kind) so that MLflow's UI opens it on its runs.
 
     Args:
         configs: The run's configs: every field is logged as a param; the entry point is stored in
@@ -73,10 +69,6 @@ def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = 
         current = client.get_run(resumed).info.run_name if resumed else None
         run_name = configs.describe() if _is_generated_name(current) else current
     with mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=_system_metrics(nested)) as run:
-        try:
-            tag_experiment_kind(client, client.get_experiment(run.info.experiment_id))
-        except MlflowException as error:  # a read-only or foreign experiment: the tag is a convenience
-            log.warning("could not tag the experiment's kind: %s", error)
         mlflow.set_tag(ENTRY_POINT_TAG, configs.entry_point)
         # Under `mlflow run` the entry point's parameters are already logged, shell-quoted (""
         # as "''"), and MLflow refuses to change a param: log only the others.

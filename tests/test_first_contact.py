@@ -21,8 +21,6 @@ from pneumo import CLASS_NAMES, evaluate, prepare, tune
 from pneumo.config import AugmentConfig, CNNConfig, DataConfig, EvalConfig, RunConfigs, TrainConfig, TuneConfig
 from pneumo.experiment import (
     DEFAULT_EXPERIMENT,
-    EXPERIMENT_KIND,
-    EXPERIMENT_KIND_TAG,
     PneumoExperimentProvider,
     use_default_experiment,
 )
@@ -164,7 +162,7 @@ def test_only_mlflows_made_up_names_are_replaced():
     assert not _is_generated_name("my-baseline-1") and not _is_generated_name("aug_cnn-128px-lr0.001-16ep")
 
 
-def test_runs_land_in_the_pneumo_experiment_tagged_for_model_development(tmp_path, monkeypatch):
+def test_runs_land_in_the_pneumo_experiment(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
@@ -173,7 +171,6 @@ def test_runs_land_in_the_pneumo_experiment_tagged_for_model_development(tmp_pat
     try:
         use_default_experiment()
         experiment = MlflowClient().get_experiment_by_name(DEFAULT_EXPERIMENT)
-        assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
         assert mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id == experiment.experiment_id
         with mlflow.start_run() as run:
             assert run.info.experiment_id == experiment.experiment_id

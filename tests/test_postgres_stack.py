@@ -227,6 +227,13 @@ def test_anonymous_requests_are_refused_and_accounts_must_exist(stack):
         for auth in (None, stranger, (stack.admin[0], "wrong-admin-password")):
             answer = stack.call("POST", path, auth, json=body)
             assert answer.status_code == 401, (path, auth and auth[0], answer.text)
+    # No self-service accounts or promotions: only the admin makes accounts and admins.
+    account = {"username": "intruder", "password": "long-enough-password"}
+    assert stack.call("GET", "/signup", None).status_code == 401
+    assert stack.call("POST", "/api/2.0/mlflow/users/create", None, json=account).status_code == 401
+    assert stack.call("POST", "/api/2.0/mlflow/users/create", stack.trainer, json=account).status_code == 403
+    promote = {"username": stack.trainer[0], "is_admin": True}
+    assert stack.call("PATCH", "/api/2.0/mlflow/users/update-admin", stack.trainer, json=promote).status_code == 403
     assert stack.call("GET", "/health", None).status_code == 200  # the health check stays open
     admin = stack.call("GET", "/api/2.0/mlflow/experiments/search", stack.admin, params={"max_results": 10})
     assert admin.status_code == 200

@@ -98,12 +98,20 @@ as_postgres() {  # PostgreSQL's server programs refuse root
 }
 
 secret() {  # the secret in SECRETS/$1, generated (48 hex digits, mode 0600) when missing
-    local file=$SECRETS/$1
+    local file=$SECRETS/$1 value
     if [ ! -s "$file" ]; then
         (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$file")
     fi
     chmod 600 "$file"
-    cat "$file"
+    value=$(<"$file")
+    # Secrets go into SQL, a libpq password file and URLs unquoted: only characters safe in all three.
+    case "$value" in
+    *[!A-Za-z0-9._~-]*)
+        echo "$file may hold only letters, digits and . _ ~ - (its value is not shown)" >&2
+        exit 1
+        ;;
+    esac
+    printf '%s' "$value"
 }
 
 psql_admin() {  # the superuser, with its password in the environment of psql alone
@@ -171,6 +179,9 @@ start() {
     mkdir -p "$STACK_DIR/artifacts" "$SECRETS"
     chmod 755 "$STACK_DIR"
     chmod 700 "$SECRETS"
+    for name in postgres mlflow-db optuna mlflow-admin flask-secret-key; do
+        secret "$name" >/dev/null # made now, or refused now (in $(...) below a refusal would not stop the script)
+    done
     if [ ! -f "$PGDATA_DIR/PG_VERSION" ]; then
         init_cluster
     elif [ ! -s "$SECRETS/postgres" ]; then

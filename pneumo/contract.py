@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pneumo import CLASS_NAMES
+from pneumo.config import json_text
 from pneumo.errors import ConfigError
 from pneumo.preprocessing import InputSpec
 
@@ -142,22 +143,9 @@ class ModelContract:
         return dataclasses.replace(self, **changes)
 
 
-def _clean(value: Any) -> Any:
-    """JSON-ready: NaN and infinities as ``null`` (strict JSON), numpy scalars as plain numbers, tuples as lists."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def contract_text(contract: ModelContract) -> str:
     """The contract as the text of ``model_config.json``."""
-    return json.dumps(_clean(dataclasses.asdict(contract)), indent=2, allow_nan=False)
+    return json_text(dataclasses.asdict(contract))
 
 
 def _number(value: Any) -> float:

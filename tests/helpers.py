@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 import numpy as np
@@ -114,6 +114,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_answering(
+    process: subprocess.Popen, answers: Callable[[], bool], log: Path, seconds: float, name: str
+) -> None:
+    """Poll ``answers`` until it is true; fail the test, with the log's tail, if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if answers():
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} did not answer in {seconds} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
 class Server:
     """A running scoring server and its log."""
 
@@ -148,20 +166,11 @@ def serve_model(model_uri: str, env: dict[str, str], log: Path, startup_seconds:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_seconds
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow models serve did not answer /ping in {startup_seconds} s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+
+        def ping() -> bool:
+            return requests.get(f"{url}/ping", timeout=2).status_code == 200
+
+        wait_until_answering(process, ping, log, startup_seconds, "mlflow models serve")
         yield Server(url, process, log)
     finally:
         # The CLI starts uvicorn as a child: stop the whole process group started here.

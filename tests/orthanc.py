@@ -23,7 +23,6 @@ import ssl
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +30,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from helpers import free_port
+from helpers import free_port, wait_until_answering
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN_FOLDER = Path("/usr/share/orthanc/plugins")
@@ -121,19 +120,11 @@ def run_orthanc(log_folder: Path, startup_seconds: float = 60) -> Iterator[Ortha
         )
     server = Orthanc(f"http://127.0.0.1:{http_port}", username, password, log)
     try:
-        deadline = time.monotonic() + startup_seconds
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                answer = requests.get(f"{server.url}/system", auth=server.auth, timeout=2)
-                if answer.status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer in {startup_seconds} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+
+        def system() -> bool:
+            return requests.get(f"{server.url}/system", auth=server.auth, timeout=2).status_code == 200
+
+        wait_until_answering(process, system, log, startup_seconds, "Orthanc")
         plugins = requests.get(f"{server.url}/plugins", auth=server.auth, timeout=5).json()
         if "dicom-web" not in plugins:
             pytest.fail(f"Orthanc started without its DICOMweb plugin (plugins: {plugins}):\n{log.read_text()[-3000:]}")

@@ -27,6 +27,7 @@ from pneumo.data import MANIFEST_FILE, MANIFEST_META_FILE, Manifest, load_manife
 from pneumo.errors import DataError
 from pneumo.experiment import tag_experiment_kind
 from pneumo.plots import plot_class_distribution
+from pneumo.runs import guarded
 
 log = logging.getLogger(__name__)
 REJECTED_ARTIFACT = "rejected_files.csv"
@@ -98,7 +99,10 @@ def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = 
         resumed = os.environ.get("MLFLOW_RUN_ID") if not nested and mlflow.active_run() is None else None
         current = client.get_run(resumed).info.run_name if resumed else None
         run_name = describe_run(configs) if _is_generated_name(current) else current
-    with mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=_system_metrics(nested)) as run:
+    with (
+        mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=_system_metrics(nested)) as run,
+        guarded(run, nested),  # SIGTERM/SIGINT end the run KILLED (pneumo.runs)
+    ):
         try:
             tag_experiment_kind(client, client.get_experiment(run.info.experiment_id))
         except MlflowException as error:  # a read-only or foreign experiment: the tag is a convenience

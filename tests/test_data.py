@@ -6,6 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -245,6 +246,7 @@ def test_grouped_split_refuses_impossible_fractions():
             "label": [0, 1] * 5,
             "patient_id": [f"p{i}" for i in range(10)],
             "path": [f"train/{CLASS_NAMES[i % 2]}/p{i}.png" for i in range(10)],
+            "sha256": [f"{i:064x}" for i in range(10)],
         }
     )
     with pytest.raises(DataError, match="between 0 and 1"):
@@ -257,14 +259,13 @@ def test_grouped_split_refuses_impossible_fractions():
 
 
 def test_notebook_scheme_moves_100_test_images_to_val_without_touching_files(tmp_path):
-    small = xf.encode(Image.fromarray(xf.noise(32, 32), "L"), "PNG")
     for split, per_class in (("train", 15), ("test", 60)):
         for label, name in enumerate(CLASS_NAMES):
             folder = tmp_path / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
                 stem = f"IM-{split}{i:04d}-0001" if label == 0 else f"person{i}{split}_virus_{i}"
-                (folder / f"{stem}.png").write_bytes(small)
+                (folder / f"{stem}.png").write_bytes(distinct_png(f"{split}/{label}/{i}"))
     before = tree_state(tmp_path)
     manifest = build_manifest(discover(tmp_path).images, 0.1, 3, val_scheme="notebook")
     assert tree_state(tmp_path) == before
@@ -285,14 +286,20 @@ def test_notebook_scheme_needs_a_test_folder(tmp_path):
         split_frame(build_manifest(found.images, 0.5, 0), "test")
 
 
-def make_tiny_layout(root: Path) -> Path:
-    """Four patients per class, two images each, in train only."""
-    data = xf.encode(Image.fromarray(xf.noise(32, 32), "L"), "PNG")
+def distinct_png(key: str, side: int = 32) -> bytes:
+    """A small grayscale PNG whose bytes differ for every ``key`` (identical files share a split group)."""
+    pixels = xf.noise(side, side)
+    pixels[0, : len(key)] = np.frombuffer(key.encode(), np.uint8)
+    return xf.encode(Image.fromarray(pixels, "L"), "PNG")
+
+
+def make_tiny_layout(root: Path, per_class: int = 4) -> Path:
+    """``per_class`` patients per class, two distinct images each, in train only."""
     for label, name in enumerate(CLASS_NAMES):
         folder = root / "train" / name
-        folder.mkdir(parents=True)
-        for patient in range(4):
+        folder.mkdir(parents=True, exist_ok=True)
+        for patient in range(per_class):
             for image in range(2):
                 stem = f"IM-{patient:04d}-{image:04d}" if label == 0 else f"person{patient}_bacteria_{image}"
-                (folder / f"{stem}.png").write_bytes(data)
+                (folder / f"{stem}.png").write_bytes(distinct_png(f"{label}/{patient}/{image}"))
     return root

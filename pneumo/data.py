@@ -449,17 +449,23 @@ def test_copies(frame: pd.DataFrame) -> pd.Series:
     return ~in_test & frame["sha256"].isin(set(frame.loc[in_test, "sha256"]))
 
 
-def _check_classes(frame: pd.DataFrame, splits: tuple[str, ...], data_dir: Path | None) -> None:
-    """Refuse a split without images of a class: training (imbalanced-learn) and validation need both."""
-    for split in splits:
+def _check_training_classes(frame: pd.DataFrame, data_dir: Path | None) -> None:
+    """Refuse a class without training images (imbalanced-learn's oversampler died on it in aug_cnn)."""
+    pool = frame[frame["split"] == "train"]
+    for label, name in enumerate(CLASS_NAMES):
+        if not (pool["label"] == label).any():
+            folder = Path(data_dir or ".") / "train" / name
+            raise DataError(
+                f"no usable {name} images for training: the folder {folder} is empty or every file in it "
+                "was rejected (see rejected_files.csv)"
+            )
+
+
+def _check_split_classes(frame: pd.DataFrame) -> None:
+    """Refuse a training or validation split left without a class (validation needs both to mean anything)."""
+    for split in ("train", "val"):
         for label, name in enumerate(CLASS_NAMES):
             if not ((frame["split"] == split) & (frame["label"] == label)).any():
-                if split == "train" and not (frame["label"] == label).any():
-                    folder = Path(data_dir or ".") / "train" / name
-                    raise DataError(
-                        f"no usable {name} images for training: the folder {folder} is empty or every file in it "
-                        "was rejected (see rejected_files.csv)"
-                    )
                 raise DataError(
                     f"the {split} split has no {name} images: add images of that class, or change val_fraction "
                     "or limit_per_class"
@@ -508,7 +514,7 @@ def build_manifest(
     if leaks.any():
         log.warning("left out %d file(s) identical to a test image (see %s)", leaks.sum(), DUPLICATES_FILE)
         frame = frame[~leaks].reset_index(drop=True)
-    _check_classes(frame, ("train",), data_dir)
+    _check_training_classes(frame, data_dir)
     if val_scheme == "grouped":
         pool = frame.index[frame["split"] == "train"]
         mask = grouped_split(frame.loc[pool], val_fraction, seed)
@@ -523,7 +529,7 @@ def build_manifest(
         raise DataError(f"val_scheme must be 'grouped' or 'notebook', got {val_scheme!r}")
     if limit_per_class > 0:
         frame = _limit_per_class(frame, limit_per_class, seed)
-    _check_classes(frame, ("train", "val"), data_dir)
+    _check_split_classes(frame)
     return frame[MANIFEST_COLUMNS].sort_values("path").reset_index(drop=True)
 
 

@@ -48,6 +48,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1
 # How often the watcher thread compares os.getppid() with the parent at start.
 _PARENT_POLL_SECONDS = 1.0
+# Whether `mlflow run` (or another parent owning the run) started this process. Read at import:
+# mlflow.start_run removes MLFLOW_RUN_ID from the environment once it has resumed the run.
+_STARTED_FOR_A_RUN = bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
 class Stopped(SystemExit):
@@ -175,7 +178,7 @@ def _install() -> bool:
         return False
     _State.requested = None
     _State.previous = {signum: signal.signal(signum, _handle) for signum in STOP_SIGNALS}
-    if os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run` (or another parent owning the run)
+    if _STARTED_FOR_A_RUN:
         _follow_parent()
     return True
 

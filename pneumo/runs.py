@@ -6,8 +6,8 @@ inside TensorFlow it hung once in 11 tries, because the exception can land at an
 halfway through the input pipeline's bookkeeping. So the handler only records the request, and
 the work stops at the next safe point: between files in discovery, around decoding, and after
 every Keras batch (:func:`keras_callback`). The run then ends ``KILLED`` with whatever it logged
-so far, and the process exits with status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT). A
-second signal stops at once, from the handler.
+so far, and the process exits with status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT). The
+same signal again (Ctrl-C pressed twice) stops at once, from the handler.
 
 Started by ``mlflow run`` (``MLFLOW_RUN_ID`` set), the entry point follows its parent: Linux's
 ``PR_SET_PDEATHSIG`` turns the parent's death into a SIGTERM here, and a watcher thread notices
@@ -73,17 +73,20 @@ class _State:
     """The stop request and what :func:`guarded` installed (one per process)."""
 
     requested: int | None = None
+    # Set while a stopped run is being ended: a further signal must not interrupt that.
+    ending = False
     depth = 0
     previous: dict[int, Any] = {}
     watcher_stop: threading.Event | None = None
 
 
 def _handle(signum: int, frame: Any) -> None:
-    # Only a flag: no logging here (the main thread may hold the logging lock), no raising
-    # unless the user insists with a second signal.
-    if _State.requested is not None:
+    # Only a flag: no logging here (the main thread may hold the logging lock), no raising unless
+    # the user insists with the same signal again. Ctrl-C under `mlflow run` brings a SIGINT and
+    # then the parent's SIGTERM: two different signals, still a stop at the next safe point.
+    if _State.requested == signum and not _State.ending:
         raise Stopped(signum)
-    _State.requested = signum
+    _State.requested = _State.requested or signum
 
 
 def stop_requested() -> int | None:
@@ -163,13 +166,16 @@ def _follow_parent() -> None:
     def watch() -> None:
         while not stop.wait(_PARENT_POLL_SECONDS):
             if os.getppid() != parent:
-                log.warning("the parent process (pid %d) is gone: stopping", parent)
-                os.kill(os.getpid(), signal.SIGTERM)
+                # The flag, not a signal: PR_SET_PDEATHSIG has likely sent SIGTERM already, and the
+                # same signal twice would stop at once, outside a safe point.
+                if _State.requested is None:
+                    log.warning("the parent process (pid %d) is gone: stopping", parent)
+                    _State.requested = signal.SIGTERM
                 return
 
     threading.Thread(target=watch, name="pneumo-parent-watch", daemon=True).start()
     if os.getppid() != parent:  # it died between reading its pid and arming the request
-        os.kill(os.getpid(), signal.SIGTERM)
+        _State.requested = _State.requested or signal.SIGTERM
 
 
 def _install() -> bool:
@@ -191,6 +197,7 @@ def _uninstall() -> None:
         _State.watcher_stop.set()
         _State.watcher_stop = None
     _State.requested = None
+    _State.ending = False
 
 
 @contextlib.contextmanager
@@ -222,6 +229,7 @@ def guarded(run: mlflow.ActiveRun, nested: bool = False) -> Iterator[None]:
         yield
         check()  # a stop requested after the last safe point still ends the run KILLED
     except Stopped as stop:
+        _State.ending = True
         active = mlflow.active_run()
         if active is not None and active.info.run_id == run.info.run_id:
             mlflow.end_run("KILLED")

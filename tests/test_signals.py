@@ -80,10 +80,11 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
 
 
-def _start(command: list[str], log: Path) -> subprocess.Popen:
+def _start(command: list[str], log: Path, unset: tuple[str, ...] = ()) -> subprocess.Popen:
+    env = {name: value for name, value in os.environ.items() if name not in unset}
     with open(log, "wb") as output:
         return subprocess.Popen(
-            command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+            command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}
         )
 
 
@@ -111,6 +112,18 @@ def test_a_stop_after_the_last_safe_point_still_ends_the_run_killed(tracking):
     with pytest.raises(runs.Stopped) as stopped:
         with mlflow.start_run() as run, runs.guarded(run):
             os.kill(os.getpid(), signal.SIGINT)  # the work then ends normally
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert _status(run.info.run_id) == "KILLED"
+
+
+def test_the_same_signal_twice_stops_at_once(tracking):
+    with pytest.raises(runs.Stopped) as stopped:
+        with mlflow.start_run() as run, runs.guarded(run):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # mlflow run's SIGTERM after a Ctrl-C: still only recorded
+            assert runs.stop_requested() == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: raised from the handler
+            pytest.fail("a repeated SIGINT waited for a safe point")
     assert stopped.value.code == 128 + signal.SIGINT
     assert _status(run.info.run_id) == "KILLED"
 
@@ -204,7 +217,8 @@ def test_sigterm_to_the_mlflow_run_parent_takes_the_entry_point_down(tracking, t
     parameters = [part for name, value in {"data_dir": tiny_data, **TINY}.items() for part in ("-P", f"{name}={value}")]
     mlflow_cli = str(Path(sys.executable).parent / "mlflow")
     command = [mlflow_cli, "run", str(REPO), "-e", "aug_cnn", "--env-manager", "local"]
-    parent = _start([*command, "--experiment-name", "pneumo-test", *parameters], log)
+    # The experiment is MLFLOW_EXPERIMENT_NAME's; the CLI refuses it together with MLFLOW_EXPERIMENT_ID.
+    parent = _start([*command, *parameters], log, unset=("MLFLOW_EXPERIMENT_ID",))
     child = None
     try:
         run = _wait_for(_training_run, STARTUP_SECONDS, "a training epoch", parent, log)

@@ -106,6 +106,7 @@ def load_split(frame: pd.DataFrame, data_dir: Path, spec: InputSpec, cache_dir: 
     )
     if stored is not None:
         images, ok = stored
+        _tighten(cache)  # a cache written 0644 by an older version
     else:
         images, ok = _decode_all(list(frame["path"]), spec, Path(data_dir), list(frame["sha256"]))
         runs.check()
@@ -138,6 +139,17 @@ def read_cache(cache: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
         log.warning("ignoring image cache %s: holds %s %s, expected %s uint8", cache, images.shape, images.dtype, shape)
         return None
     return images, ok
+
+
+def _tighten(cache: Path) -> None:
+    """Make an existing cache file of this user 0600 and its folder 0700; a failure only costs a warning."""
+    try:
+        private_folder(cache.parent)
+        status = cache.stat()
+        if status.st_mode & 0o077 and status.st_uid == os.getuid():
+            os.chmod(cache, 0o600)
+    except OSError as error:
+        log.warning("could not make the image cache %s private (%s)", cache, error.strerror or type(error).__name__)
 
 
 def private_folder(folder: Path) -> None:

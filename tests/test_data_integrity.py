@@ -142,6 +142,12 @@ def test_the_cache_is_private_to_its_user(small, tmp_path):
     pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS), str(older))
     assert stat.S_IMODE(older.stat().st_mode) == 0o700
     assert stat.S_IMODE(_cache_file(older).stat().st_mode) == 0o600
+    # A cache an older version wrote 0644 into a 0755 folder is made private when it is read.
+    older.chmod(0o755)
+    _cache_file(older).chmod(0o644)
+    pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS), str(older))
+    assert stat.S_IMODE(older.stat().st_mode) == 0o700
+    assert stat.S_IMODE(_cache_file(older).stat().st_mode) == 0o600
 
 
 def test_a_cache_folder_that_cannot_be_made_is_warned_about_and_the_run_goes_on(small, tmp_path, caplog):

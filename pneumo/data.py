@@ -11,6 +11,7 @@ fetching one a run logged, is :mod:`pneumo.tracking`'s part.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -27,10 +28,11 @@ import pandas as pd
 from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumo import CLASS_NAMES
+from pneumo import CLASS_NAMES, runs
 from pneumo.config import DataConfig
 from pneumo.errors import DataError, ImageError
 from pneumo.pixels import check_dimensions
+from pneumo.preprocessing import ACCEPTED_FORMATS, PIL_FORMATS, InputSpec, decode_image
 from pneumo.progress import progress
 
 log = logging.getLogger(__name__)
@@ -45,9 +47,26 @@ SPLITS = ("train", "val", "test")
 # File names of a manifest and of the metadata beside it (also their MLflow artifact names).
 MANIFEST_FILE = "manifest.csv"
 MANIFEST_META_FILE = "manifest_meta.json"
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-# Largest image file read through a manifest (the largest Kaggle X-ray is a few MB).
+# Groups of byte-identical files found by prepare (an MLflow artifact of the prepare run).
+DUPLICATES_FILE = "duplicates.csv"
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
+# Largest image file read, by discovery or through a manifest (the largest Kaggle X-ray is a few MB).
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# Discovery decodes every file with the training and serving decoder, small: what prepare accepts
+# is exactly what training and serving can decode.
+_PROBE_SPEC = InputSpec(64, 1)
+# Leading bytes of the formats met in image folders, to say what a refused file is.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "RIFF/WebP"),
+    (b"%PDF", "PDF"),
+)
 
 # File-name patterns of the Kermany et al. dataset; the captured group identifies the patient.
 _PATIENT_PATTERNS = [
@@ -99,6 +118,36 @@ def patient_key(frame: pd.DataFrame) -> pd.Series:
     """
     source = frame["path"].str.split("/", n=1).str[0]
     return source.where(source == "test", "train") + "/" + frame["patient_id"].astype(str)
+
+
+def split_groups(frame: pd.DataFrame) -> pd.Series:
+    """The group each row must share a side of the split with: its patient, united with identical content.
+
+    Rows of one patient (:func:`patient_key`) form a group, and byte-identical files (same
+    ``sha256``, e.g. a copy or a link under another patient's name) join their groups into one, so
+    no image can sit on both sides. A group is named by the smallest patient key in it: without
+    shared content the groups are the patients themselves.
+
+    Args:
+        frame: Rows with ``path``, ``patient_id`` and ``sha256``.
+
+    Returns:
+        The group name per row, aligned with ``frame``.
+    """
+    keys = patient_key(frame)
+    parent: dict[str, str] = {key: key for key in keys.unique()}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for members in keys.groupby(frame["sha256"].to_numpy()).unique():
+        for other in members[1:]:
+            low, high = sorted((root(members[0]), root(other)))
+            parent[high] = low
+    return keys.map(root)
 
 
 def kagglehub_cache_dir() -> Path:
@@ -199,39 +248,106 @@ class Discovery:
     rejected: pd.DataFrame
 
 
+def _read_regular(path: Path | str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, its type and size checked before it is opened.
+
+    ``os.stat`` first (a FIFO would block ``open`` until a writer comes, a sparse file of 1 GB
+    would be read whole), then ``open`` with ``O_NONBLOCK`` and ``fstat`` of what was opened: it
+    must be the same inode, so a file swapped for a FIFO in between cannot block either.
+
+    Raises:
+        DataError: The reason alone (no path): not a regular file, over the limit, or unreadable.
+    """
+    try:
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise DataError("not a regular file")
+        if before.st_size > max_bytes:
+            raise DataError(f"{before.st_size:,} bytes, over the {max_bytes:,}-byte limit")
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(descriptor, "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(opened.st_mode):
+                raise DataError("replaced while it was being opened")
+            data = handle.read(max_bytes + 1)
+    except OSError as error:
+        raise DataError(f"unreadable ({error.strerror or type(error).__name__})") from error
+    if len(data) > max_bytes:
+        raise DataError(f"over the {max_bytes:,}-byte limit")
+    return data
+
+
+def _content_kind(data: bytes) -> str | None:
+    """The format the bytes are, by their leading bytes (not the file name): JPEG, PNG, DICOM, GIF, ..."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "DICOM"
+    return next((kind for signature, kind in _SIGNATURES if data.startswith(signature)), None)
+
+
+def _header(data: bytes, kind: str) -> tuple[int, int, str]:
+    """Width, height and mode from the header (PIL modes; DICOM as L, I;16 or RGB), no pixel decoded."""
+    if kind == "DICOM":
+        import pydicom  # only for DICOM files: the header, after decode_image accepted the file
+
+        dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        samples, bits = int(dataset.get("SamplesPerPixel", 1)), int(dataset.get("BitsAllocated", 8))
+        return int(dataset.Columns), int(dataset.Rows), "RGB" if samples == 3 else ("L" if bits == 8 else "I;16")
+    with Image.open(io.BytesIO(data), formats=[kind]) as image:
+        return image.width, image.height, image.mode
+
+
 def _inspect(path: Path) -> tuple[dict | None, str | None]:
-    """Hash and fully decode one file; return its manifest fields or a rejection reason."""
+    """Read, hash and decode one file; return its manifest fields or a rejection reason.
+
+    The size is checked before the file is read, the type by its content, and the file is decoded
+    by :func:`pneumo.preprocessing.decode_image` (the decoder of training and serving) from the
+    very bytes that are hashed.
+    """
     if path.name.startswith("."):
         return None, "hidden file"
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return None, f"not an image file (suffix {path.suffix or 'none'})"
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        return None, f"unreadable: {error}"
+        data = _read_regular(path, MAX_FILE_BYTES)
+    except DataError as error:
+        return None, str(error)
+    kind = _content_kind(data)
+    if kind not in (*PIL_FORMATS, "DICOM"):
+        return None, f"undecodable: the content is {kind or 'not a known image format'}, not {ACCEPTED_FORMATS}"
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            mode = image.mode
+        if kind != "DICOM":  # DICOM's header is read only after decode_image vetted its transfer syntax
+            width, height, mode = _header(data, kind)
             check_dimensions(width, height)
-            image.draft(image.mode, (256, 256))  # verifies the whole stream at a fraction of the cost
-            image.load()
     except ImageError as error:
         return None, f"unusable size: {error}"
+    except Exception as error:  # a header Pillow cannot parse
+        return None, f"undecodable: {kind} header unreadable ({type(error).__name__})"
+    try:
+        decode_image(data, _PROBE_SPEC)
+        if kind == "DICOM":
+            width, height, mode = _header(data, kind)
+    except ImageError as error:
+        return None, f"undecodable: {error}"
     except Exception as error:
-        return None, f"undecodable: {type(error).__name__}: {error}"
-    return {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "width": width,
-        "height": height,
-        "mode": mode,
-    }, None
+        return None, f"undecodable: {type(error).__name__}"
+    return {"sha256": hashlib.sha256(data).hexdigest(), "width": width, "height": height, "mode": mode}, None
+
+
+def _safe_name(relative: str) -> str | None:
+    """``relative`` with any bytes that are not UTF-8 written as ``\\xNN``, or None when it is valid UTF-8."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(relative).decode("utf-8", "backslashreplace")
+    return None
 
 
 def discover(data_dir: Path, workers: int = 4, folders: dict[str, str] | None = None) -> Discovery:
     """List every file under ``{train,val,test}/{NORMAL,PNEUMONIA}`` and check that it decodes.
 
-    Corrupt, truncated, hidden and non-image files are never fatal: they go to ``rejected``.
+    Corrupt, truncated, hidden, non-image, oversized and non-regular files, and file names that are
+    not UTF-8, are never fatal: they go to ``rejected``. A stop request (SIGTERM, SIGINT) ends the
+    work between files (:func:`pneumo.runs.check`).
 
     Args:
         data_dir: Folder in the Kaggle layout.
@@ -242,40 +358,55 @@ def discover(data_dir: Path, workers: int = 4, folders: dict[str, str] | None = 
     Returns:
         The usable images (with the source split in column ``source_split``) and the rejects.
     """
-    entries = []
+    entries, rejected = [], []
     for source_split, folder_name in (folders or {split: split for split in SPLITS}).items():
         for label, label_name in enumerate(CLASS_NAMES):
             folder = data_dir / folder_name / label_name
-            if folder.is_dir():
-                entries += [(source_split, label, label_name, p) for p in sorted(folder.iterdir()) if p.is_file()]
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                if path.is_dir():
+                    continue
+                relative = path.relative_to(data_dir).as_posix()
+                escaped = _safe_name(relative)
+                if escaped is not None:  # it could not be written to the manifest, a log or a report
+                    rejected.append({"path": escaped, "reason": "file name is not valid UTF-8 (rename the file)"})
+                    continue
+                entries.append((source_split, label, label_name, path, relative))
+    rows = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(progress(pool.map(lambda e: _inspect(e[3]), entries), len(entries), "hashing and checking"))
-    rows, rejected = [], []
-    for (source_split, label, label_name, path), (fields, reason) in zip(entries, results):
-        relative = path.relative_to(data_dir).as_posix()
-        if reason:
-            rejected.append({"path": relative, "reason": reason})
-            continue
-        rows.append(
-            {
-                "path": relative,
-                "label_name": label_name,
-                "label": label,
-                "patient_id": patient_id(path.name),
-                "source_split": source_split,
-                **fields,
-            }
-        )
+        futures = [pool.submit(_inspect, entry[3]) for entry in entries]
+        try:
+            for entry, future in zip(entries, progress(futures, len(futures), "hashing and checking")):
+                runs.check()
+                source_split, label, label_name, path, relative = entry
+                fields, reason = future.result()
+                if reason:
+                    rejected.append({"path": relative, "reason": reason})
+                    continue
+                rows.append(
+                    {
+                        "path": relative,
+                        "label_name": label_name,
+                        "label": label,
+                        "patient_id": patient_id(path.name),
+                        "source_split": source_split,
+                        **fields,
+                    }
+                )
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the files being read now, not all the rest
+            raise
     if rejected:
         log.warning("excluded %d unusable file(s) from %s; see the rejected-files report", len(rejected), data_dir)
     return Discovery(pd.DataFrame(rows), pd.DataFrame(rejected, columns=["path", "reason"]))
 
 
 def grouped_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
-    """Pick validation rows, stratified by class and grouped by patient (see :func:`patient_key`).
+    """Pick validation rows, stratified by class and grouped by patient and content (:func:`split_groups`).
 
     Args:
-        frame: Rows with ``label``, ``path`` and ``patient_id``.
+        frame: Rows with ``label``, ``path``, ``patient_id`` and ``sha256``.
         val_fraction: Wanted fraction of rows in validation (0 < f < 1).
         seed: Seed of the fold assignment.
 
@@ -285,7 +416,7 @@ def grouped_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> np.nda
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     n_splits = max(2, round(1.0 / val_fraction))
-    patients = patient_key(frame)
+    patients = split_groups(frame)
     if patients.nunique() < n_splits:
         raise DataError(f"too few patients ({patients.nunique()}) for val_fraction={val_fraction}")
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -296,11 +427,12 @@ def grouped_split(frame: pd.DataFrame, val_fraction: float, seed: int) -> np.nda
 
 
 def _limit_per_class(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
-    """Keep at most ``limit`` images per (split, class), taking whole patients (:func:`patient_key`) in random order."""
+    """Keep at most ``limit`` images per (split, class), taking whole groups (:func:`split_groups`) in random order."""
     rng = np.random.default_rng(seed)
+    groups = split_groups(frame)
     kept = []
     for _, part in frame.groupby(["split", "label"], sort=True):
-        keys = patient_key(part)
+        keys = groups[part.index]
         patients = rng.permutation(np.asarray(keys.unique(), dtype=object))
         counts = keys.value_counts()
         chosen, total = [], 0
@@ -313,8 +445,41 @@ def _limit_per_class(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame
     return pd.concat(kept).sort_values("path").reset_index(drop=True)
 
 
+def test_copies(frame: pd.DataFrame) -> pd.Series:
+    """Which rows outside Kaggle's test folder are byte-identical to a test image (they would leak it)."""
+    in_test = frame["source_split"] == "test"
+    return ~in_test & frame["sha256"].isin(set(frame.loc[in_test, "sha256"]))
+
+
+def _check_training_classes(frame: pd.DataFrame, data_dir: Path | None) -> None:
+    """Refuse a class without training images (imbalanced-learn's oversampler died on it in aug_cnn)."""
+    pool = frame[frame["split"] == "train"]
+    for label, name in enumerate(CLASS_NAMES):
+        if not (pool["label"] == label).any():
+            folder = Path(data_dir or ".") / "train" / name
+            raise DataError(
+                f"no usable {name} images for training: the folder {folder} is empty or every file in it "
+                "was rejected (see rejected_files.csv)"
+            )
+
+
+def _check_split_classes(frame: pd.DataFrame) -> None:
+    """Refuse a training split left without a class by the split or the cap (a validation split may lack one)."""
+    for label, name in enumerate(CLASS_NAMES):
+        if not ((frame["split"] == "train") & (frame["label"] == label)).any():
+            raise DataError(
+                f"the train split has no {name} images: add images of that class, or change val_fraction "
+                "or limit_per_class"
+            )
+
+
 def build_manifest(
-    images: pd.DataFrame, val_fraction: float, seed: int, val_scheme: str = "grouped", limit_per_class: int = 0
+    images: pd.DataFrame,
+    val_fraction: float,
+    seed: int,
+    val_scheme: str = "grouped",
+    limit_per_class: int = 0,
+    data_dir: Path | None = None,
 ) -> pd.DataFrame:
     """Assign every image to train, val or test.
 
@@ -329,14 +494,28 @@ def build_manifest(
         seed: Seed of the split.
         val_scheme: ``grouped`` or ``notebook``.
         limit_per_class: Cap per split and class (whole patients); 0 = no cap.
+        data_dir: The data folder, named in errors.
+
+    Byte-identical files always share a side (:func:`split_groups`); a copy of a test image
+    outside the test folder is left out (it would put the test image in training) and listed by
+    :func:`duplicate_report`.
 
     Returns:
         The manifest, columns :data:`MANIFEST_COLUMNS`, sorted by path.
+
+    Raises:
+        DataError: No usable image, a class without training images (naming its folder), a split
+            left without a class, or an impossible split.
     """
     if images.empty:
         raise DataError("no usable images were found")
     frame = images.copy()
     frame["split"] = np.where(frame["source_split"] == "test", "test", "train")
+    leaks = test_copies(frame)
+    if leaks.any():
+        log.warning("left out %d file(s) identical to a test image (see %s)", leaks.sum(), DUPLICATES_FILE)
+        frame = frame[~leaks].reset_index(drop=True)
+    _check_training_classes(frame, data_dir)
     if val_scheme == "grouped":
         pool = frame.index[frame["split"] == "train"]
         mask = grouped_split(frame.loc[pool], val_fraction, seed)
@@ -351,7 +530,31 @@ def build_manifest(
         raise DataError(f"val_scheme must be 'grouped' or 'notebook', got {val_scheme!r}")
     if limit_per_class > 0:
         frame = _limit_per_class(frame, limit_per_class, seed)
+    _check_split_classes(frame)
     return frame[MANIFEST_COLUMNS].sort_values("path").reset_index(drop=True)
+
+
+def duplicate_report(images: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Every group of byte-identical files, with where each went (the ``duplicates.csv`` artifact).
+
+    Args:
+        images: Output of :func:`discover`.
+        manifest: The manifest made from them.
+
+    Returns:
+        One row per file that has an identical twin: ``group`` (numbered from 1), ``path``,
+        ``label_name``, ``split`` (its split, or ``excluded``) and ``note`` (why it was excluded).
+    """
+    columns = ["group", "path", "label_name", "split", "note"]
+    copies = images[images["sha256"].duplicated(keep=False)]
+    if copies.empty:
+        return pd.DataFrame(columns=columns)
+    split = copies["path"].map(manifest.set_index("path")["split"])
+    leaked = test_copies(images)[copies.index]
+    note = np.where(leaked, "copy of a test image: left out of training", "")
+    note = np.where(split.isna() & ~leaked, "left out by limit_per_class", note)
+    report = copies.assign(group=copies.groupby("sha256").ngroup() + 1, split=split.fillna("excluded"), note=note)
+    return report[columns].sort_values(["group", "path"]).reset_index(drop=True)
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -401,6 +604,8 @@ class Manifest:
     meta: dict[str, Any]
     # The files discovery excluded, with the reason; None for a manifest read from a file.
     rejected: pd.DataFrame | None = None
+    # Groups of byte-identical files (see duplicate_report); None for a manifest read from a file.
+    duplicates: pd.DataFrame | None = None
 
     @cached_property
     def digest(self) -> str:
@@ -435,8 +640,9 @@ def read_checked(data_dir: Path, relative: str, sha256: str, max_bytes: int = MA
     """The bytes of a manifest file, if they are still the ones the manifest recorded.
 
     The path must stay inside ``data_dir`` (see :func:`check_manifest_paths`; links inside it are
-    followed, as the test data and many mirrors use them), name a regular file (``/dev/zero`` never
-    ends) of at most ``max_bytes``, and hash to ``sha256``.
+    followed, as the test data and many mirrors use them), name a regular file of at most
+    ``max_bytes`` (checked before it is opened: a FIFO would block ``open``, ``/dev/zero`` never
+    ends), and hash to ``sha256``.
 
     Raises:
         DataError: Any of these fails; the message says which.
@@ -445,17 +651,9 @@ def read_checked(data_dir: Path, relative: str, sha256: str, max_bytes: int = MA
         raise DataError(f"{relative}: not a relative path inside data_dir")
     path = data_dir / relative
     try:
-        with open(path, "rb") as handle:
-            status = os.fstat(handle.fileno())
-            if not stat.S_ISREG(status.st_mode):
-                raise DataError(f"{path}: not a regular file")
-            if status.st_size > max_bytes:
-                raise DataError(f"{path}: {status.st_size:,} bytes, over the {max_bytes:,}-byte limit")
-            data = handle.read(max_bytes + 1)
-    except OSError as error:
-        raise DataError(f"{path}: unreadable ({error.strerror or error})") from error
-    if len(data) > max_bytes:
-        raise DataError(f"{path}: over the {max_bytes:,}-byte limit")
+        data = _read_regular(path, max_bytes)
+    except DataError as error:
+        raise DataError(f"{path}: {error}") from error
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"{path}: content changed since the manifest was made (SHA-256 differs)")
     return data
@@ -472,7 +670,10 @@ def prepare_manifest(config: DataConfig) -> Manifest:
     """
     data_dir = resolve_data_dir(config.data_dir)
     found = discover(data_dir)
-    frame = build_manifest(found.images, config.val_fraction, config.seed, config.val_scheme, config.limit_per_class)
+    frame = build_manifest(
+        found.images, config.val_fraction, config.seed, config.val_scheme, config.limit_per_class, data_dir
+    )
+    duplicates = duplicate_report(found.images, frame)
     counts = frame.groupby(["split", "label_name"]).size()
     meta = {
         "val_fraction": config.val_fraction,
@@ -481,9 +682,14 @@ def prepare_manifest(config: DataConfig) -> Manifest:
         "limit_per_class": config.limit_per_class,
         "counts": {f"{split}/{name}": int(n) for (split, name), n in counts.items()},
         "rejected": len(found.rejected),
+        "duplicates": {
+            "groups": int(duplicates["group"].nunique()),
+            "files": len(duplicates),
+            "excluded_test_copies": int((duplicates["note"] == "copy of a test image: left out of training").sum()),
+        },
         "patients": {split: int(patient_key(rows).nunique()) for split, rows in frame.groupby("split", sort=False)},
     }
-    manifest = Manifest(frame, data_dir, meta, found.rejected)
+    manifest = Manifest(frame, data_dir, meta, found.rejected, duplicates)
     log.info("manifest %s: %s; %d file(s) rejected", manifest.digest, meta["counts"], meta["rejected"])
     return manifest
 

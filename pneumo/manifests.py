@@ -20,7 +20,15 @@ from mlflow.tracking import MlflowClient
 
 from pneumo import tracking
 from pneumo.config import DataConfig
-from pneumo.data import MANIFEST_FILE, MANIFEST_META_FILE, Manifest, load_manifest, prepare_manifest, read_manifest
+from pneumo.data import (
+    DUPLICATES_FILE,
+    MANIFEST_FILE,
+    MANIFEST_META_FILE,
+    Manifest,
+    load_manifest,
+    prepare_manifest,
+    read_manifest,
+)
 from pneumo.errors import DataError
 from pneumo.plots import plot_class_distribution
 
@@ -65,6 +73,8 @@ def log_manifest(manifest: Manifest, context: str) -> None:
     tracking.log_json(manifest.meta_json(), MANIFEST_META_FILE)
     if manifest.rejected is not None:
         tracking.log_dataframe(manifest.rejected, REJECTED_ARTIFACT)
+        if manifest.duplicates is not None:  # groups of byte-identical files (pneumo.data.duplicate_report)
+            tracking.log_dataframe(manifest.duplicates, DUPLICATES_FILE)
         tracking.log_figure(plot_class_distribution(manifest.frame), "plots/class_distribution.png")
         counts = manifest.frame.groupby(["split", "label_name"]).size()
         tracking.log_metrics({f"n_{split}_{name.lower()}": n for (split, name), n in counts.items()})

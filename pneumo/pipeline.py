@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 import tensorflow as tf
 from imblearn.over_sampling import RandomOverSampler
 
+from pneumo import runs
 from pneumo.data import read_checked
 from pneumo.preprocessing import InputSpec, decode_file, decode_image
 from pneumo.progress import progress
@@ -99,10 +101,17 @@ def load_split(frame: pd.DataFrame, data_dir: Path, spec: InputSpec, cache_dir: 
         data_dir: Folder the manifest paths are relative to.
         spec: How the files become model inputs (size, channels, crop, equalisation).
         cache_dir: Folder for ``.npz`` caches keyed by content hashes and the spec; empty = none.
+            The cache holds patients' pixels: files are 0600 in a 0700 folder (see
+            :func:`write_cache`). A cache that cannot be written (read-only, full) is warned about
+            and the run goes on without it.
 
     Returns:
         The decoded set. Files that fail to decode are logged and left out.
+
+    Raises:
+        pneumo.runs.Stopped: A stop was requested (checked before and after decoding).
     """
+    runs.check()
     key = hashlib.sha256("|".join([_DECODER_VERSION, repr(spec), *frame["sha256"]]).encode()).hexdigest()[:24]
     cache = Path(cache_dir) / f"images-{key}.npz" if cache_dir else None
     stored = (
@@ -110,10 +119,19 @@ def load_split(frame: pd.DataFrame, data_dir: Path, spec: InputSpec, cache_dir: 
     )
     if stored is not None:
         images, ok = stored
+        _tighten(cache)  # a cache written 0644 by an older version
     else:
         images, ok = _decode_all(list(frame["path"]), spec, Path(data_dir), list(frame["sha256"]))
+        runs.check()
         if cache is not None:
-            write_cache(cache, images, ok)
+            try:
+                write_cache(cache, images, ok)
+            except OSError as error:
+                log.warning(
+                    "could not write the image cache in %s (%s); going on without it",
+                    cache.parent,
+                    error.strerror or type(error).__name__,
+                )
     if not ok.all():
         log.warning("%d of %d images could not be decoded and were skipped", (~ok).sum(), len(ok))
     kept = frame[ok].reset_index(drop=True)
@@ -136,14 +154,45 @@ def read_cache(cache: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
     return images, ok
 
 
+def _tighten(cache: Path) -> None:
+    """Make an existing cache file of this user 0600 and its folder 0700; a failure only costs a warning."""
+    try:
+        private_folder(cache.parent)
+        status = cache.stat()
+        if status.st_mode & 0o077 and status.st_uid == os.getuid():
+            os.chmod(cache, 0o600)
+    except OSError as error:
+        log.warning("could not make the image cache %s private (%s)", cache, error.strerror or type(error).__name__)
+
+
+def private_folder(folder: Path) -> None:
+    """Make ``folder`` (and missing parents) and leave it 0700: it is going to hold patients' pixels.
+
+    An existing folder of this user with access for others is tightened to 0700, with a warning;
+    one of another user, or a shared sticky folder such as ``/tmp``, is left as it is (the files
+    in it are 0600 all the same).
+    """
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = folder.stat()
+    if status.st_mode & 0o077 and status.st_uid == os.getuid() and not status.st_mode & stat.S_ISVTX:
+        os.chmod(folder, 0o700)
+        log.warning("the image cache folder %s was open to other users; it is now 0700", folder)
+
+
 def write_cache(cache: Path, images: np.ndarray, ok: np.ndarray) -> None:
-    """Write a disk cache atomically under a unique temporary name: concurrent writers never collide."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    """Write a disk cache atomically under a unique temporary name: concurrent writers never collide.
+
+    The file is 0600 in a 0700 folder (:func:`private_folder`): decoded X-rays are patient data.
+
+    Raises:
+        OSError: The folder cannot be made or written (read-only, full); nothing is left behind.
+    """
+    private_folder(cache.parent)
     handle, partial = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.stem}-", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as output:
             np.savez(output, images=images, ok=ok)
-        os.chmod(partial, 0o644)  # mkstemp makes it private; the cache was readable like any output
+        os.chmod(partial, 0o600)  # mkstemp's mode, stated: no umask or platform may widen it
         os.replace(partial, cache)  # atomic: a reader sees the old file or the whole new one
     except BaseException:
         Path(partial).unlink(missing_ok=True)

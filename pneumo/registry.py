@@ -11,11 +11,16 @@ steps; :func:`register_version` is the one place a version is created, aliased a
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
 import math
-import tempfile
+import os
+import re
+import socket
+import stat
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -28,7 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from pneumo import manifests, metrics, plots, tracking
 from pneumo.contract import Figures, ModelContract
-from pneumo.errors import DataError
+from pneumo.errors import DataError, PneumoError
 from pneumo.model_card import model_card
 from pneumo.model_io import TrainedModel, load_trained_model, log_model
 
@@ -133,23 +138,84 @@ def decide(candidate: dict[str, float], champion_auc: float | None, floors: Floo
     return CHALLENGER, f"validation ROC AUC {auc:.4f} does not beat the champion's {champion_auc:.4f}"
 
 
+def _lock_path(registry_uri: str, name: str) -> Path:
+    """Where the registration lock of ``name`` in this registry lives: beside the store, else in a private folder.
+
+    A SQLite store keeps it beside its database file and a local file store beside its folder
+    (everyone who can write the store can take the lock); any other store (a tracking server,
+    PostgreSQL) uses ``~/.cache/pneumo/locks``, made 0700. Never a predictable name in a shared
+    temporary folder, where another user could hold it or plant a link.
+    """
+    key = hashlib.sha256(f"{registry_uri}|{name}".encode()).hexdigest()[:16]
+    local = None
+    if registry_uri.startswith("sqlite:///"):
+        database = registry_uri[len("sqlite:///") :].split("?", 1)[0]
+        local = Path(database) if database and database != ":memory:" else None
+    elif registry_uri.startswith("file:") or "://" not in registry_uri:
+        local = Path(urllib.parse.urlparse(registry_uri).path if registry_uri.startswith("file:") else registry_uri)
+    if local is not None and local.parent.is_dir():
+        return local.parent / f".{local.name}.pneumo-registry-{key}.lock"
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pneumo" / "locks"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = os.lstat(folder)
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
+        raise PneumoError(f"the lock folder {folder} is not a folder of this user; remove it")
+    if status.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder / f"registry-{key}.lock"
+
+
+def _holder(text: bytes) -> tuple[str, str]:
+    """Pid and host written in a lock file, each only when it looks like one (the file is not trusted)."""
+    fields = text.decode("ascii", "replace").split() + ["", ""]
+    pid = fields[0] if fields[0].isdigit() else "unknown"
+    host = fields[1] if re.fullmatch(r"[A-Za-z0-9.-]{1,64}", fields[1]) else "unknown"
+    return pid, host
+
+
 @contextlib.contextmanager
 def registry_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive lock on the registration decision for ``name`` (this tracking store, this machine).
+    """Hold an exclusive lock on the registration decision for ``name`` (this registry, this machine).
 
     Two evaluations registering at once both saw no champion, and the worse model ended as
     champion. The lock serialises read-compare-move between processes on one machine (a file lock
-    in the temporary folder, keyed by tracking URI and name); across machines,
-    :func:`register_evaluated` still re-reads the alias right before moving it.
+    placed by :func:`_lock_path`); across machines, :func:`register_evaluated` still re-reads the
+    alias right before moving it. The file is opened without following links, and the holder
+    writes its host and pid into it, so a waiting process says whom it waits for.
+
+    Raises:
+        PneumoError: The lock path is a link, or cannot be opened.
     """
-    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}|{name}".encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"pneumo-registry-{key}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = _lock_path(mlflow.get_registry_uri(), name)
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
         try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+        except PermissionError:  # another user's lock beside a shared store: lockable, not writable
+            descriptor = os.open(path, os.O_RDONLY | flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise PneumoError(f"the registry lock {path} is a symbolic link; not following it (remove it)") from error
+        raise PneumoError(f"cannot open the registry lock {path} ({error.strerror})") from error
+    writable = os.access(path, os.W_OK, follow_symlinks=False)
+    with os.fdopen(descriptor, "r+b" if writable else "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise PneumoError(f"the registry lock {path} is not a regular file (remove it)")
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, host = _holder(handle.read(200))
+            log.warning("waiting for the registry lock held by pid %s on host %s (%s)", pid, host, path)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            if writable:  # whom the next waiter waits for
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()} {socket.gethostname()}\n".encode())
+                handle.flush()
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
 
 
 def check_no_training_overlap(models: dict[str, str | None], validation_hashes: Iterable[str]) -> None:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils import name_utils
 
 from pneumo.config import RunConfigs, json_text
+from pneumo.runs import guarded
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_TAG = "pneumo.entry_point"
@@ -68,7 +69,10 @@ def start_run(configs: RunConfigs, nested: bool = False, run_name: str | None = 
         resumed = os.environ.get("MLFLOW_RUN_ID") if not nested and mlflow.active_run() is None else None
         current = client.get_run(resumed).info.run_name if resumed else None
         run_name = configs.describe() if _is_generated_name(current) else current
-    with mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=_system_metrics(nested)) as run:
+    with (
+        mlflow.start_run(nested=nested, run_name=run_name, log_system_metrics=_system_metrics(nested)) as run,
+        guarded(run, nested),  # SIGTERM/SIGINT end the run KILLED (pneumo.runs)
+    ):
         mlflow.set_tag(ENTRY_POINT_TAG, configs.entry_point)
         # Under `mlflow run` the entry point's parameters are already logged, shell-quoted (""
         # as "''"), and MLflow refuses to change a param: log only the others.

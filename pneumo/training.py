@@ -23,7 +23,7 @@ import pandas as pd
 import tensorflow as tf
 
 import pneumo.distribute as distribute
-from pneumo import CLASS_NAMES, manifests, metrics, model_io, pipeline, plots, tracking
+from pneumo import CLASS_NAMES, manifests, metrics, model_io, pipeline, plots, runs, tracking
 from pneumo.augmentation import build_augmenter
 from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, RunConfigs, TrainConfig
 from pneumo.contract import Figures, ModelContract
@@ -156,6 +156,7 @@ def fit(
         keras.callbacks.EarlyStopping(config.monitor, mode=mode, patience=config.patience, restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=config.monitor, mode=mode, save_best_only=True),
         MlflowEpochLogger(step_offset),
+        runs.keras_callback(),  # a SIGTERM/SIGINT stops at the next batch
         *(extra_callbacks or []),
     ]
     class_weight = None

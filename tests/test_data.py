@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -14,6 +20,7 @@ import xray_files as xf
 from conftest import require_real_data
 from helpers import tree_state
 from pneumo import CLASS_NAMES
+from pneumo.config import DataConfig
 from pneumo.data import (
     MANIFEST_COLUMNS,
     build_manifest,
@@ -21,11 +28,14 @@ from pneumo.data import (
     grouped_split,
     patient_id,
     patient_key,
+    prepare_manifest,
+    read_checked,
     read_manifest,
     resolve_data_dir,
     split_frame,
 )
 from pneumo.errors import DataError
+from pneumo.manifests import log_manifest
 from pneumo.preprocessing import InputSpec, decode_file
 
 
@@ -245,6 +255,7 @@ def test_grouped_split_refuses_impossible_fractions():
             "label": [0, 1] * 5,
             "patient_id": [f"p{i}" for i in range(10)],
             "path": [f"train/{CLASS_NAMES[i % 2]}/p{i}.png" for i in range(10)],
+            "sha256": [f"{i:064x}" for i in range(10)],
         }
     )
     with pytest.raises(DataError, match="between 0 and 1"):
@@ -257,14 +268,13 @@ def test_grouped_split_refuses_impossible_fractions():
 
 
 def test_notebook_scheme_moves_100_test_images_to_val_without_touching_files(tmp_path):
-    small = xf.encode(Image.fromarray(xf.noise(32, 32), "L"), "PNG")
     for split, per_class in (("train", 15), ("test", 60)):
         for label, name in enumerate(CLASS_NAMES):
             folder = tmp_path / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
                 stem = f"IM-{split}{i:04d}-0001" if label == 0 else f"person{i}{split}_virus_{i}"
-                (folder / f"{stem}.png").write_bytes(small)
+                (folder / f"{stem}.png").write_bytes(distinct_png(f"{split}/{label}/{i}"))
     before = tree_state(tmp_path)
     manifest = build_manifest(discover(tmp_path).images, 0.1, 3, val_scheme="notebook")
     assert tree_state(tmp_path) == before
@@ -285,14 +295,197 @@ def test_notebook_scheme_needs_a_test_folder(tmp_path):
         split_frame(build_manifest(found.images, 0.5, 0), "test")
 
 
-def make_tiny_layout(root: Path) -> Path:
-    """Four patients per class, two images each, in train only."""
-    data = xf.encode(Image.fromarray(xf.noise(32, 32), "L"), "PNG")
+def distinct_png(key: str, side: int = 32) -> bytes:
+    """A small grayscale PNG whose bytes differ for every ``key`` (identical files share a split group)."""
+    pixels = xf.noise(side, side)
+    pixels[0, : len(key)] = np.frombuffer(key.encode(), np.uint8)
+    return xf.encode(Image.fromarray(pixels, "L"), "PNG")
+
+
+def make_tiny_layout(root: Path, per_class: int = 4) -> Path:
+    """``per_class`` patients per class, two distinct images each, in train only."""
     for label, name in enumerate(CLASS_NAMES):
         folder = root / "train" / name
-        folder.mkdir(parents=True)
-        for patient in range(4):
+        folder.mkdir(parents=True, exist_ok=True)
+        for patient in range(per_class):
             for image in range(2):
                 stem = f"IM-{patient:04d}-{image:04d}" if label == 0 else f"person{patient}_bacteria_{image}"
-                (folder / f"{stem}.png").write_bytes(data)
+                (folder / f"{stem}.png").write_bytes(distinct_png(f"{label}/{patient}/{image}"))
     return root
+
+
+# --- the data path under hostile files (issue 18 §5, issue 14 §4) ----------------------------
+
+
+def _kaggle_layout(root: Path, per_class: int = 6, test_per_class: int = 3) -> Path:
+    """Distinct small PNGs: ``per_class`` patients (two images each) per class in train, a few in test."""
+    make_tiny_layout(root, per_class)
+    for label, name in enumerate(CLASS_NAMES):
+        folder = root / "test" / name
+        folder.mkdir(parents=True)
+        for i in range(test_per_class):
+            stem = f"IM-{i + 500:04d}-0001" if label == 0 else f"person{i + 500}_virus_{i}"
+            (folder / f"{stem}.png").write_bytes(distinct_png(f"test/{label}/{i}"))
+    return root
+
+
+def _run_with_timeout(function, seconds: float = 60):
+    """Run ``function`` in a thread; the result, or the exception it raised; None while it still runs."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # handed to the test
+            outcome["value"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return None if thread.is_alive() else outcome["value"]
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "train" / "NORMAL" / "IM-0001-0001.jpeg"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    try:
+        # Opening a FIFO for reading blocks until a writer comes: evaluate hung until killed.
+        outcome = _run_with_timeout(lambda: read_checked(tmp_path, "train/NORMAL/IM-0001-0001.jpeg", ""))
+        assert isinstance(outcome, DataError), f"read_checked returned {outcome!r} (None: it blocked)"
+        assert "not a regular file" in str(outcome)
+        (tmp_path / "train" / "PNEUMONIA").mkdir()
+        found = _run_with_timeout(lambda: discover(tmp_path))
+        assert found is not None, "discovery blocked on the FIFO"
+        assert found.rejected.to_dict("records") == [
+            {"path": "train/NORMAL/IM-0001-0001.jpeg", "reason": "not a regular file"}
+        ]
+    finally:
+        with contextlib.suppress(OSError):  # release a reader that did block, so the thread can end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_non_utf8_file_name_is_rejected_and_prepare_goes_on(tmp_path, tracking):
+    root = _kaggle_layout(tmp_path / "data")
+    raw = os.path.join(os.fsencode(root / "train" / "NORMAL"), b"IM-0777-0001-caf\xe9.png")
+    with open(raw, "wb") as handle:
+        handle.write(distinct_png("latin-1 name"))
+    manifest = prepare_manifest(DataConfig(data_dir=str(root), val_fraction=0.3))
+    assert manifest.rejected.to_dict("records") == [
+        {"path": "train/NORMAL/IM-0777-0001-caf\\xe9.png", "reason": "file name is not valid UTF-8 (rename the file)"}
+    ]
+    assert len(manifest.frame) == 2 * 2 * 6 + 2 * 3
+    with mlflow.start_run() as run:  # the reports are written and logged (a raw name crashed here)
+        log_manifest(manifest, context="prepare")
+    rejected = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/rejected_files.csv"))
+    assert rejected["path"].tolist() == ["train/NORMAL/IM-0777-0001-caf\\xe9.png"]
+
+
+@pytest.mark.parametrize("kind", ["GIF", "TIFF", "BMP"])
+def test_other_formats_named_jpeg_are_rejected_by_content(tmp_path, kind):
+    folder = tmp_path / "train" / "NORMAL"
+    folder.mkdir(parents=True)
+    picture = Image.fromarray(xf.noise(64, 64), "L")
+    (folder / "IM-0001-0001.jpeg").write_bytes(xf.encode(picture, kind))
+    # A PNG named .jpeg is what decode_image reads (by content) in training and serving: accepted.
+    (folder / "IM-0002-0001.jpeg").write_bytes(xf.encode(picture, "PNG"))
+    found = discover(tmp_path)
+    assert found.rejected.to_dict("records") == [
+        {
+            "path": "train/NORMAL/IM-0001-0001.jpeg",
+            "reason": f"undecodable: the content is {kind}, not JPEG, PNG or DICOM",
+        }
+    ]
+    assert found.images["path"].tolist() == ["train/NORMAL/IM-0002-0001.jpeg"]
+    assert found.images[["width", "height", "mode"]].values.tolist() == [[64, 64, "L"]]
+
+
+def test_discovery_accepts_exactly_what_decode_image_accepts(tmp_path):
+    folder = tmp_path / "train" / "PNEUMONIA"
+    folder.mkdir(parents=True)
+    gray = xf.noise(80, 70)
+    (folder / "person1_virus_1.dcm").write_bytes(xf.dicom(gray))  # a hospital's site folder may hold DICOM
+    (folder / "person2_virus_2.dicom").write_bytes(xf.dicom(gray, photometric="MONOCHROME1", bits_stored=8))
+    # Pillow opens WebP, ICO, PCX and dozens more: none of them reaches a model.
+    (folder / "person3_virus_3.png").write_bytes(xf.encode(Image.fromarray(gray, "L"), "WEBP"))
+    found = discover(tmp_path)
+    images = found.images.set_index("path")
+    assert images.loc["train/PNEUMONIA/person1_virus_1.dcm", ["width", "height", "mode"]].tolist() == [70, 80, "I;16"]
+    assert images.loc["train/PNEUMONIA/person2_virus_2.dicom", ["width", "height", "mode"]].tolist() == [70, 80, "L"]
+    assert found.rejected["path"].tolist() == ["train/PNEUMONIA/person3_virus_3.png"]
+    for path in images.index:
+        assert decode_file(str(tmp_path / path), InputSpec(32, 1)).shape == (32, 32, 1)
+    assert images.loc["train/PNEUMONIA/person1_virus_1.dcm", "patient_id"] == "person1"
+
+
+def test_an_oversized_sparse_file_is_refused_from_its_size_alone(tmp_path):
+    folder = tmp_path / "train" / "NORMAL"
+    folder.mkdir(parents=True)
+    huge = folder / "IM-0001-0001.jpeg"
+    with open(huge, "wb") as handle:
+        handle.write(b"\xff\xd8\xff\xe0")
+        handle.truncate(1 << 30)  # 1 GB, sparse: nothing on disk, everything for a reader
+    found = discover(tmp_path)
+    assert found.rejected["reason"].tolist() == ["1,073,741,824 bytes, over the 67,108,864-byte limit"]
+    with pytest.raises(DataError, match="1,073,741,824 bytes, over the 67,108,864-byte limit"):
+        read_checked(tmp_path, "train/NORMAL/IM-0001-0001.jpeg", "")
+
+
+@pytest.mark.slow
+def test_discovery_of_a_sparse_gigabyte_stays_small_in_memory(tmp_path):
+    folder = tmp_path / "train" / "NORMAL"
+    folder.mkdir(parents=True)
+    with open(folder / "IM-0001-0001.jpeg", "wb") as handle:
+        handle.truncate(1 << 30)
+    # VmHWM is this process's own peak (reset at exec), read before and after discovery.
+    script = (
+        "import re, sys; from pathlib import Path; from pneumo.data import discover\n"
+        "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))\n"
+        "start = peak(); found = discover(Path(sys.argv[1])); assert len(found.rejected) == 1\n"
+        "print((peak() - start) / 1024)"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    growth_mb = float(result.stdout.split()[-1])
+    assert growth_mb < 100, f"discovery grew the peak by {growth_mb:.0f} MB: the file was read (1.38 GB before)"
+
+
+def test_identical_content_shares_a_side_and_copies_of_test_images_are_left_out(tmp_path, tracking):
+    root = _kaggle_layout(tmp_path / "data")
+    normal, pneumonia = root / "train" / "NORMAL", root / "train" / "PNEUMONIA"
+    # The same picture under another patient's name, and a link to a test image.
+    (normal / "IM-0900-0001.png").write_bytes((normal / "IM-0000-0000.png").read_bytes())
+    (pneumonia / "person900_virus_1.png").symlink_to(root / "test" / "PNEUMONIA" / "person500_virus_0.png")
+    for seed in range(12):  # a random split of the two patients would separate them about half the time
+        manifest = prepare_manifest(DataConfig(data_dir=str(root), val_fraction=0.5, seed=seed)).frame
+        sides = manifest.set_index("path")["split"]
+        assert sides["train/NORMAL/IM-0900-0001.png"] == sides["train/NORMAL/IM-0000-0000.png"], seed
+        assert "train/PNEUMONIA/person900_virus_1.png" not in sides.index
+        assert (manifest.groupby("sha256")["split"].nunique() == 1).all()
+    prepared = prepare_manifest(DataConfig(data_dir=str(root), val_fraction=0.5))
+    assert prepared.meta["duplicates"] == {"groups": 2, "files": 4, "excluded_test_copies": 1}
+    with mlflow.start_run() as run:
+        log_manifest(prepared, context="prepare")
+    report = pd.read_csv(
+        mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/duplicates.csv"), keep_default_na=False
+    )
+    assert sorted(map(sorted, report.groupby("group")["path"].apply(list))) == [
+        ["test/PNEUMONIA/person500_virus_0.png", "train/PNEUMONIA/person900_virus_1.png"],
+        ["train/NORMAL/IM-0000-0000.png", "train/NORMAL/IM-0900-0001.png"],
+    ]
+    leak = report.set_index("path").loc["train/PNEUMONIA/person900_virus_1.png"]
+    assert leak["split"] == "excluded" and leak["note"] == "copy of a test image: left out of training"
+    assert report.set_index("path").loc["test/PNEUMONIA/person500_virus_0.png", "split"] == "test"
+
+
+@pytest.mark.parametrize("how", ["empty", "all rejected"])
+def test_a_class_folder_without_usable_images_is_refused_naming_it(tmp_path, how):
+    root = _kaggle_layout(tmp_path)
+    folder = root / "train" / "PNEUMONIA"
+    for path in folder.iterdir():
+        if how == "empty":
+            path.unlink()
+        else:
+            path.write_bytes(b"GIF89a not an x-ray")
+    with pytest.raises(DataError, match=f"no usable PNEUMONIA images for training: the folder {folder} is empty"):
+        prepare_manifest(DataConfig(data_dir=str(root)))

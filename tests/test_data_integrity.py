@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -123,3 +124,87 @@ def test_a_given_data_dir_that_does_not_exist_fails_at_once_naming_it(tmp_path, 
     missing = tmp_path / "no-such-folder"
     with pytest.raises(DataError, match=f"data_dir {missing} does not exist"):
         resolve_data_dir(str(missing))
+
+
+# --- the cache holds patients' pixels; an unwritable cache is no reason to fail (issue 18 §2, §5) ---
+
+
+def test_the_cache_is_private_to_its_user(small, tmp_path):
+    root, manifest = small
+    cache_dir = tmp_path / "new" / "cache"
+    pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS), str(cache_dir))
+    assert stat.S_IMODE(_cache_file(cache_dir).stat().st_mode) == 0o600
+    assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o700
+    # A folder left open by an older version is tightened before anything is written into it.
+    older = tmp_path / "older"
+    older.mkdir(mode=0o755)
+    older.chmod(0o755)
+    pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS), str(older))
+    assert stat.S_IMODE(older.stat().st_mode) == 0o700
+    assert stat.S_IMODE(_cache_file(older).stat().st_mode) == 0o600
+    # A cache an older version wrote 0644 into a 0755 folder is made private when it is read.
+    older.chmod(0o755)
+    _cache_file(older).chmod(0o644)
+    pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS), str(older))
+    assert stat.S_IMODE(older.stat().st_mode) == 0o700
+    assert stat.S_IMODE(_cache_file(older).stat().st_mode) == 0o600
+
+
+def test_a_cache_folder_that_cannot_be_made_is_warned_about_and_the_run_goes_on(small, tmp_path, caplog):
+    # Tests run as root, which writes into a chmod 0500 folder regardless; a cache_dir below a regular
+    # file cannot be made by anyone (NotADirectoryError), the same OSError a read-only folder raises.
+    root, manifest = small
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="pneumo.pipeline"):
+        result = pipeline.load_split(manifest, root, InputSpec(SIZE, CHANNELS), str(blocker / "cache"))
+    assert len(result.frame) == len(manifest)
+    assert f"could not write the image cache in {blocker / 'cache'}" in caplog.text
+    assert "going on without it" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_cache_is_warned_about_and_leaves_nothing_behind(small, tmp_path):
+    # A full file system is simulated with RLIMIT_FSIZE, which also binds root: writing past the
+    # limit fails with EFBIG (SIGXFSZ ignored), as writing to a full disk fails with ENOSPC.
+    root, manifest = small
+    manifest_csv = tmp_path / "manifest.csv"
+    manifest.to_csv(manifest_csv, index=False)
+    cache_dir = tmp_path / "cache"
+    script = textwrap.dedent(
+        f"""
+        import logging, resource, signal
+        from pathlib import Path
+        import pandas as pd
+        from pneumo import pipeline
+        from pneumo.data import read_manifest
+        from pneumo.preprocessing import InputSpec
+        logging.basicConfig(level=logging.WARNING)
+        frame = read_manifest({str(manifest_csv)!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        result = pipeline.load_split(frame, Path({str(root)!r}), InputSpec({SIZE}, {CHANNELS}), {str(cache_dir)!r})
+        print("decoded", len(result.frame))
+        """
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"decoded {len(manifest)}" in done.stdout
+    assert "could not write the image cache" in done.stderr and "File too large" in done.stderr
+    assert list(cache_dir.iterdir()) == [], "a partial cache file was left behind"
+
+
+def test_a_fifo_in_the_manifest_is_skipped_without_blocking(small, tmp_path, caplog):
+    root, manifest = small
+    data_dir = tmp_path / "data"
+    for path in manifest["path"]:
+        (data_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / path).symlink_to(root / path)
+    swapped = manifest["path"].iloc[0]
+    (data_dir / swapped).unlink()
+    os.mkfifo(data_dir / swapped)  # open() of a FIFO waits for a writer: evaluate hung here until killed
+    with caplog.at_level(logging.WARNING, logger="pneumo.pipeline"):
+        result = pipeline.load_split(manifest, data_dir, InputSpec(SIZE, CHANNELS))
+    assert f"skipping {swapped}" in caplog.text and "not a regular file" in caplog.text
+    assert len(result.frame) == len(manifest) - 1

@@ -7,10 +7,16 @@ serialisation the worse one moves the alias last.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -19,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pneumo import registry
 from pneumo.data import MANIFEST_FILE
-from pneumo.errors import DataError
+from pneumo.errors import DataError, PneumoError
 
 NAME = "race-classifier"
 
@@ -77,8 +83,6 @@ def test_two_processes_registering_at_once_leave_the_better_model_champion(track
             mlflow.pyfunc.log_model(name="model", python_model=_Constant())
             mlflow.log_text(_manifest().to_csv(index=False), MANIFEST_FILE)  # trained on none of "v" * 64
             runs[quality] = run.info.run_id
-    import time
-
     start = time.time() + 15  # both import pneumo first, then start together
     workers = {
         quality: subprocess.Popen(
@@ -129,3 +133,66 @@ def test_registration_is_refused_when_validation_images_were_trained_on_or_that_
         registry.check_no_training_overlap({"candidate": run.info.run_id, "champion v1": None}, ["c" * 64])
     with pytest.raises(DataError, match=r"candidate's training images cannot be checked.*manifest of run"):
         registry.check_no_training_overlap({"candidate": bare.info.run_id}, ["c" * 64])
+
+
+# --- the lock itself (issue 18 §5): beside the store, no links followed, the holder named --------
+
+
+def test_the_lock_lives_beside_a_sqlite_store_and_names_its_holder(tracking, tmp_path):
+    database = Path(tracking[len("sqlite:///") :])
+    with registry.registry_lock(NAME):
+        (lock,) = list(database.parent.glob(f".{database.name}.pneumo-registry-*.lock"))
+        assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    assert lock.parent == database.parent  # not a predictable name in the shared temporary folder
+
+
+def test_a_link_at_the_lock_path_is_refused_not_followed(tracking, tmp_path):
+    lock = registry._lock_path(mlflow.get_registry_uri(), NAME)
+    target = tmp_path / "someone-elses-file"
+    target.write_text("precious")
+    lock.symlink_to(target)
+    with pytest.raises(PneumoError, match="is a symbolic link; not following it"):
+        with registry.registry_lock(NAME):
+            pytest.fail("the lock was taken through a link")
+    assert target.read_text() == "precious"
+
+
+def test_a_store_without_a_local_file_locks_in_a_private_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "pneumo" / "locks"
+    folder.mkdir(parents=True, mode=0o755)
+    folder.chmod(0o755)
+    path = registry._lock_path("postgresql://mlflow@db.example/mlflow", NAME)
+    assert path.parent == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert registry._lock_path("http://127.0.0.1:5000", NAME) != path  # one lock per registry
+
+
+def test_a_waiting_process_says_who_holds_the_lock(tracking, caplog):
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with registry.registry_lock(NAME):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(60)
+
+    # flock locks belong to an open file, so a second open in this process waits like another process.
+    def wait():
+        with registry.registry_lock(NAME):
+            pass
+
+    waiter = threading.Thread(target=wait)
+    with caplog.at_level(logging.WARNING, logger="pneumo.registry"):
+        waiter.start()
+        for _ in range(600):
+            if "waiting for the registry lock" in caplog.text:
+                break
+            time.sleep(0.1)
+        release.set()
+        holder.join(60)
+        waiter.join(60)
+    assert f"waiting for the registry lock held by pid {os.getpid()} on host {socket.gethostname()}" in caplog.text
+    assert not waiter.is_alive(), "the lock was not handed over"

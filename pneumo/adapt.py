@@ -41,7 +41,7 @@ from pneumo import CLASS_NAMES, manifests, metrics, model_io, pipeline, plots, r
 from pneumo.augmentation import build_augmenter
 from pneumo.config import AdaptConfig, AugmentConfig, DataConfig, RunConfigs, replace_fields
 from pneumo.contract import Figures, Lineage, ModelContract, SiteFigures
-from pneumo.data import Manifest, patient_key, site_manifest
+from pneumo.data import Manifest, patient_key, site_manifest, split_groups
 from pneumo.errors import ConfigError, DataError
 from pneumo.model_io import TrainedModel
 
@@ -57,7 +57,7 @@ class SiteSample:
 
     images: np.ndarray
     labels: np.ndarray
-    groups: np.ndarray  # patient of each image (pneumo.data.patient_key)
+    groups: np.ndarray  # patient of each image, united with identical files (pneumo.data.split_groups)
 
     def subset(self, index: np.ndarray) -> SiteSample:
         return SiteSample(self.images[index], self.labels[index], self.groups[index])
@@ -342,7 +342,7 @@ def adapt(data: DataConfig, config: AdaptConfig) -> str:
         manifest = site_manifest(config.site_dir)
         manifests.log_manifest(manifest, context="site")
         images = pipeline.load_split(manifest.frame, manifest.data_dir, spec, data.cache_dir)
-        sample = SiteSample(images.images, images.labels, patient_key(images.frame).to_numpy(str))
+        sample = SiteSample(images.images, images.labels, split_groups(images.frame).to_numpy(str))
         check_sample(sample, config)
         tracking.log_metrics(
             {

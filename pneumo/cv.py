@@ -29,6 +29,7 @@ from sklearn.utils import ClassifierTags
 
 from pneumo import metrics, models, pipeline, plots, tracking, training
 from pneumo.config import CVConfig, DataConfig, RunConfigs, TrainConfig
+from pneumo.data import split_groups
 from pneumo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,10 @@ def cv_arrays(images: pipeline.ImageSet) -> tuple[np.ndarray, np.ndarray, np.nda
     them into the notebook's flattened pixel vectors, so the refitted model serves raw images.
 
     Returns:
-        ``X``, ``y`` (int, 1 = pneumonia) and ``groups`` (patient ids).
+        ``X``, ``y`` (int, 1 = pneumonia) and ``groups`` (patients, united with identical files:
+        :func:`pneumo.data.split_groups`).
     """
-    return images.images, images.labels.astype(np.int64), images.frame["patient_id"].astype(str).to_numpy()
+    return images.images, images.labels.astype(np.int64), split_groups(images.frame).to_numpy(str)
 
 
 def fold_splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -88,6 +88,7 @@ def _decode_all(
     ok = np.empty(len(paths), bool)
     batches = progress(dataset.batch(256).as_numpy_iterator(), -(-len(paths) // 256), "decoding", "batch")
     for start, (batch, flags) in zip(range(0, len(paths), 256), batches):
+        runs.check()  # a stop request ends a long first decode within one batch
         images[start : start + len(batch)] = batch
         ok[start : start + len(batch)] = flags
     return images, ok

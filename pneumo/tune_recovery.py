@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from pathlib import Path
 
 import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+
+from pneumo.runs import process_alive, start_time
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,8 @@ STATE_TAG = "optuna.trial_state"
 _closed: set[str] = set()
 
 
-def _start_time(pid: int) -> str | None:
-    """Start time in clock ticks since boot (Linux /proc): tells a reused pid apart. None elsewhere."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised name
-
-
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": start_time(os.getpid())}
 
 
 def mark_worker(trial: optuna.Trial) -> None:
@@ -54,13 +46,9 @@ def mark_worker(trial: optuna.Trial) -> None:
 def _alive(worker: dict) -> bool:
     try:
         pid = int(worker["pid"])
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, TypeError, ValueError):
-        return True  # exists but not ours, or unknown: leave it to the heartbeat
-    started = _start_time(pid)
-    return started is None or worker.get("started") is None or started == worker["started"]
+    except (KeyError, TypeError, ValueError):
+        return True  # unknown: leave it to the heartbeat
+    return process_alive(pid, worker.get("started"))
 
 
 def fail_dead_local_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:

@@ -14,7 +14,7 @@ from conftest import make_subset
 from helpers import cached_set
 from pneumo import CLASS_NAMES, pipeline
 from pneumo.cv import cv_arrays
-from pneumo.data import build_manifest, discover
+from pneumo.data import build_manifest, discover, split_groups
 from pneumo.preprocessing import InputSpec
 
 SIZE, CHANNELS = 32, 3
@@ -80,7 +80,9 @@ def test_cv_arrays_carry_normal_0_pneumonia_1(contract):
     X, y, groups = cv_arrays(images)
     assert X.dtype == np.uint8 and X.shape == (len(truth), SIZE, SIZE, CHANNELS)
     assert y.tolist() == truth.tolist() == _true_labels(X, by_pixels)
-    assert groups.tolist() == images.frame["patient_id"].tolist()
+    # Folds group patients (by source folder's id space), united with byte-identical files.
+    assert groups.tolist() == split_groups(images.frame).tolist()
+    assert groups.tolist() == [f"train/{patient}" for patient in images.frame["patient_id"]]
 
 
 def test_balanced_indices_give_equal_class_counts():

@@ -247,21 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         todo = files
     failed = int((scored["error"] != "").sum())
     written = 0
-    header = output is None or not args.resume or not output.exists() or output.stat().st_size == 0
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    out = open(output, "a" if args.resume else "w", newline="") if output is not None else sys.stdout
-    try:
-        if todo:
-            trained = model_io.load_trained_model(args.model_uri)
+    if todo:
+        # Opened before the output, so that a model that cannot be loaded leaves an earlier CSV as it was.
+        trained = model_io.load_trained_model(args.model_uri)
+        header = output is None or not args.resume or not output.exists() or output.stat().st_size == 0
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        out = open(output, "a" if args.resume else "w", newline="") if output is not None else sys.stdout
+        try:
             for part in score_batches(todo, trained, args.batch_size):
                 _write(part, out, header)
                 header = False
                 written += len(part)
                 failed += int((part["error"] != "").sum())
-    finally:
-        if out is not sys.stdout:
-            out.close()
+        finally:
+            if out is not sys.stdout:
+                out.close()
     if output is not None:
         log.info("wrote %d prediction(s) to %s", written, output)
     if failed:

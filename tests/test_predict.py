@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 import xray_files
@@ -147,3 +148,15 @@ def test_uids_come_from_the_header_only_and_only_when_they_are_uids(tmp_path, ca
     path.write_bytes(deflated)
     assert predict.read_uids(path, deflated, decoded=False) == NO_UIDS
     assert predict.read_uids(path, deflated, decoded=True) == uids
+
+
+def test_a_model_that_cannot_be_loaded_leaves_the_earlier_csv_as_it_was(tracking, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(xray_files.tiny_png(8))
+    csv = tmp_path / "predictions.csv"
+    earlier = ",".join(predict.COLUMNS) + "\nx.png,NORMAL,0.1,0.5,,,,\n"
+    csv.write_text(earlier)
+    for resume in ([], ["--resume"]):
+        with pytest.raises(MlflowException):
+            predict.main([str(image), "--model-uri", "runs:/0123456789abcdef/model", "--output", str(csv), *resume])
+        assert csv.read_text() == earlier

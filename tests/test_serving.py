@@ -161,7 +161,7 @@ def test_http_split_and_records_match_pyfunc_and_predict_command(server, unseen,
         pd.read_csv(csv, keep_default_na=False).set_index("file").loc[[str(folder / p.name) for p in unseen["path"]]]
     )
 
-    assert list(from_command.columns) == ["label", "probability", "threshold", "error"]
+    assert list(from_command.columns) == ["label", "probability", "threshold", "error", *predict.UID_COLUMNS]
     assert (from_command["error"] == "").all()
     for other in (over_records, in_process, from_command.reset_index()):
         np.testing.assert_allclose(over_split["probability"], other["probability"], rtol=0, atol=1e-6)

@@ -200,7 +200,8 @@ def build_augmenter(config: AugmentConfig, seed: int) -> keras.Sequential:
         stack.append(layers.RandomContrast(config.contrast, value_range=(0, 255), seed=seed + 5, dtype=_DTYPE))
     if config.blur > 0 or config.noise > 0:
         stack.append(RandomDegrade(config.blur, config.noise, seed=seed + 6, dtype=_DTYPE))
-    return keras.Sequential(stack, name="augmenter")
+    # All ranges zero: a Sequential must hold a layer to be built, so the augmenter is the identity.
+    return keras.Sequential(stack or [layers.Identity(dtype=_DTYPE)], name="augmenter")
 
 
 # Test-time views: mild shifts and zooms that any acquisition could produce. Identity comes first.

@@ -217,3 +217,11 @@ def test_precision_policy_follows_the_hardware(monkeypatch):
             TrainConfig(precision="float16")
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_an_augmenter_with_every_range_at_zero_is_the_identity():
+    still = AugmentConfig(
+        rotation=0, width_shift=0, height_shift=0, zoom=0, brightness_low=1, brightness_high=1, contrast=0, gamma=0
+    )
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(build_augmenter(still, seed=1)(batch, training=True)), batch)

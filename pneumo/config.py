@@ -345,8 +345,9 @@ class AdaptConfig(_Checked):
     shift: float = 0.05
     zoom: float = 0.1
     # Share of original training images mixed into every epoch against forgetting, relative to the
-    # number of site images (0.5: half as many); they come from the parent's own training split.
-    rehearsal: float = 0.0
+    # number of site images (0.5: half as many); they come from the parent's own training split
+    # (data_dir). 0.5 won the out-of-fold lever study (README, "Make it work at your hospital").
+    rehearsal: float = 0.5
     # Fine-tune with an exponential moving average of the weights (momentum 0.99).
     ema: bool = False
     # Serve the average of the fold models and the final model (folds + 1 forward passes per image).

@@ -520,14 +520,12 @@ def build_manifest(
         pool = frame.index[frame["split"] == "train"]
         mask = grouped_split(frame.loc[pool], val_fraction, seed)
         frame.loc[pool[mask], "split"] = "val"
-    elif val_scheme == "notebook":
+    else:  # "notebook" (DataConfig checked the choice)
         test_rows = frame.index[frame["split"] == "test"]
         if len(test_rows) < 100:
             raise DataError("val_scheme=notebook needs a test folder with at least 100 images")
         chosen = np.random.default_rng(seed).choice(test_rows, size=100, replace=False)
         frame.loc[chosen, "split"] = "val"
-    else:
-        raise DataError(f"val_scheme must be 'grouped' or 'notebook', got {val_scheme!r}")
     if limit_per_class > 0:
         frame = _limit_per_class(frame, limit_per_class, seed)
     _check_split_classes(frame)

@@ -269,7 +269,13 @@ def _rehearsal_images(parent: TrainedModel, data: DataConfig, config: AdaptConfi
     """The parent's training images to mix in (a balanced random draw), or None when none are wanted."""
     if config.rehearsal <= 0:
         return None
-    manifest = _parent_manifest(parent, data)
+    try:
+        manifest = _parent_manifest(parent, data)
+    except DataError as error:
+        raise DataError(
+            f"rehearsal needs the parent's training images ({error}); point data_dir at them "
+            "(the Kaggle folder), or adapt without them with rehearsal=0"
+        ) from error
     frame = manifest.split("train")
     per_class = max(8, round(config.rehearsal * 200))  # plenty for a few hundred site images
     picks = pd.concat(

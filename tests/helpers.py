@@ -132,6 +132,20 @@ def wait_until_answering(
         time.sleep(0.3)
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group a test started (``start_new_session=True``), SIGKILL it after 30 s.
+
+    The whole group: a server's leader may have exited and left its workers running.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class Server:
     """A running scoring server and its log."""
 
@@ -174,9 +188,4 @@ def serve_model(model_uri: str, env: dict[str, str], log: Path, startup_seconds:
         yield Server(url, process, log)
     finally:
         # The CLI starts uvicorn as a child: stop the whole process group started here.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)

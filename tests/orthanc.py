@@ -17,7 +17,6 @@ import os
 import pwd
 import select
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -30,7 +29,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from helpers import free_port, wait_until_answering
+from helpers import free_port, stop_process_group, wait_until_answering
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN_FOLDER = Path("/usr/share/orthanc/plugins")
@@ -130,13 +129,7 @@ def run_orthanc(log_folder: Path, startup_seconds: float = 60) -> Iterator[Ortha
             pytest.fail(f"Orthanc started without its DICOMweb plugin (plugins: {plugins}):\n{log.read_text()[-3000:]}")
         yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)
         shutil.rmtree(root, ignore_errors=True)
 
 

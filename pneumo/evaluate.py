@@ -422,13 +422,18 @@ def error_gallery(
             plots.GalleryImage(
                 decode_image(read_checked(data_dir, paths.iloc[i], frame["sha256"].iloc[i]), gallery_spec)[..., 0],
                 heatmap_of[i],
-                f"{Path(paths.iloc[i]).name[:26]}\n{kind[:-1]}: p={predicted.probabilities[i]:.3f}",
+                f"{_wrapped_name(Path(paths.iloc[i]).name)}\n{kind[:-1]}: p={predicted.probabilities[i]:.3f}",
             )
             for i in indices.tolist()
         ]
         for kind, indices in rows.items()
     }
     return plots.plot_error_gallery(tiles, count, threshold, title, subtitle), unavailable
+
+
+def _wrapped_name(name: str, width: int = 24) -> str:
+    """A file name on as many lines as it needs: cut to a width, names lost their endings."""
+    return "\n".join(name[i : i + width] for i in range(0, len(name), width))
 
 
 def _validation_scorer(

@@ -7,6 +7,7 @@ return a figure; callers log it with :func:`pneumo.tracking.log_figure`, which c
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -51,23 +52,37 @@ def plot_confusion_matrix(labels: np.ndarray, probabilities: np.ndarray, thresho
     return figure
 
 
-def plot_history(history: dict[str, list[float]], title: str) -> plt.Figure:
-    """Training curves: accuracy, loss and ROC AUC, train against validation, per epoch."""
+def plot_history(history: dict[str, list[float]], title: str, best_epoch: int | None = None) -> plt.Figure:
+    """Training curves: accuracy, loss and ROC AUC, train against validation, per epoch.
+
+    Args:
+        history: Keras' history (``loss``, ``val_loss``, ...), one value per epoch.
+        title: The figure's title.
+        best_epoch: The kept epoch (1-based), marked on every panel; None marks none.
+    """
     keys = [k for k in ("accuracy", "loss", "auc") if k in history]
-    figure, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
     for axis, key in zip(axes[0], keys):
         epochs = np.arange(1, len(history[key]) + 1)
         axis.plot(epochs, history[key], marker="o", label="train")
         if f"val_{key}" in history:
             axis.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
+        if best_epoch is not None:
+            axis.axvline(best_epoch, color="crimson", linestyle="--", linewidth=1, label=f"kept: epoch {best_epoch}")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axis.set_xlabel("epoch")
         axis.set_ylabel(key)
         axis.set_title(key)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def _wrapped(title: str, width: int = 48) -> str:
+    """A title broken into lines that fit a single-panel figure (long model names were clipped)."""
+    return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
 
 def plot_class_distribution(manifest: pd.DataFrame, title: str = "Images per class and split") -> plt.Figure:
@@ -135,7 +150,7 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, threshold: float, na
     )
     axis.set_xlabel("1 - specificity (false positive rate)")
     axis.set_ylabel("sensitivity (true positive rate)")
-    axis.set_title(title)
+    axis.set_title(_wrapped(title), fontsize=10)
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
@@ -157,7 +172,7 @@ def plot_precision_recall(
     )
     axis.set_xlabel("recall (sensitivity)")
     axis.set_ylabel("precision (PPV)")
-    axis.set_title(title)
+    axis.set_title(_wrapped(title), fontsize=10)
     axis.legend(loc="lower left", fontsize=8)
     figure.tight_layout()
     return figure
@@ -200,9 +215,10 @@ def plot_threshold_sweep(labels: np.ndarray, probabilities: np.ndarray, threshol
     axis.set_ylim(0, 1.02)
     axis.set_xlabel("threshold on the probability of pneumonia")
     axis.set_ylabel("rate")
-    axis.set_title(title)
+    axis.set_title(_wrapped(title, 60), fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower center")
+    # Below the axes: inside, the legend covered the specificity curve.
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     figure.tight_layout()
     return figure
 
@@ -213,7 +229,7 @@ def plot_registration(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: s
     for name, (labels, probabilities) in curves.items():
         RocCurveDisplay.from_predictions(labels, probabilities, name=name, ax=axis)
     axis.plot([0, 1], [0, 1], "k:", linewidth=1)
-    axis.set_title(title)
+    axis.set_title(_wrapped(title), fontsize=10)
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
@@ -305,8 +321,16 @@ def plot_error_gallery(
                 axis.imshow(overlay)
                 note = " (no pneumonia evidence)" if tile.heatmap.max() == 0 else ""
             axis.set_title(f"{tile.caption}{note}", fontsize=7)
-    figure.suptitle(f"{title}\nmost confident errors at threshold {threshold:.3f}; {subtitle}", fontsize=9)
+    # About 30 characters a column fit; the title used to run off both sides of a narrow gallery.
+    figure.suptitle(
+        _wrapped(f"{title}\nmost confident errors at threshold {threshold:.3f}; {subtitle}", 30 * columns),
+        fontsize=9,
+    )
     figure.tight_layout()
+    if any(tile.heatmap is not None for tiles in rows.values() for tile in tiles):
+        figure.subplots_adjust(right=0.8)  # room for the colour bar and its label beside the tiles
+        scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="jet")
+        figure.colorbar(scale, cax=figure.add_axes([0.83, 0.15, 0.025, 0.6]), label="Grad-CAM (relative)")
     return figure
 
 

@@ -100,6 +100,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         scalars = {k: v for k, v in (logs or {}).items() if np.isscalar(v)}
+        if "learning_rate" not in scalars and getattr(self.model, "optimizer", None) is not None:
+            # Keras 3 evaluates the schedule (cosine decay) at the current step when this is read.
+            scalars["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
         tracking.log_metrics(scalars, step=self.step_offset + epoch)
 
 
@@ -259,7 +262,13 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
     labels, probabilities, threshold = data.val.labels, result.val_probabilities, result.threshold
     tracking.log_metrics({**result.val_metrics, "threshold": threshold})
     if result.history:
-        tracking.log_figure(plots.plot_history(result.history, configs.entry_point), "plots/training_curves.png")
+        monitored = result.history.get(configs.train.monitor, [])
+        best = None
+        if monitored and np.isfinite(monitored).any():
+            pick = np.nanargmax if HIGHER_IS_BETTER[configs.train.monitor] else np.nanargmin
+            best = int(pick(np.asarray(monitored, dtype=float))) + 1
+        figure = plots.plot_history(result.history, configs.entry_point, best)
+        tracking.log_figure(figure, "plots/training_curves.png")
     for name, cut in (("threshold", threshold), ("0.5", 0.5)):
         tracking.log_figure(
             plots.plot_confusion_matrix(labels, probabilities, cut, f"{configs.entry_point}: validation"),

@@ -1,9 +1,16 @@
-"""Grad-CAM heatmaps: where in the X-ray the model's last convolutional features drove its answer.
+"""Class-activation heatmaps: where in the X-ray the model's convolutional features drove its answer.
 
-Grad-CAM (Selvaraju et al., 2017) weighs each channel of a convolutional feature map by the mean
-gradient of the class score with respect to it, sums the channels and keeps the positive part.
-The class score is the logit (the output layer's sigmoid is bypassed while computing it), because
-the sigmoid's gradient vanishes exactly for the confident mistakes a reviewer most wants explained.
+Grad-CAM (Selvaraju et al., 2017) weighs each channel of a feature map by the *mean* gradient of the
+class score over the map, sums the channels and keeps the positive part. On an intermediate stage
+that average is not faithful: aug_cnn's 8 x 8 stage is followed by more convolutions and pooling,
+so positive and negative gradients at different places cancel in the mean, and for the default
+model's most confident false positives (p 0.94-0.97, logits near +3) the weighted sum came out
+negative everywhere: empty maps, captioned "no pneumonia evidence". Here each position keeps its
+own gradient (HiResCAM, Draelos & Carin, 2020): the map is the positive part of the sum over
+channels of gradient times activation, position by position, which is what the first-order change of
+the score at that position is. The class score is the logit (the output layer's sigmoid is bypassed
+while computing it), because the sigmoid's gradient vanishes exactly for the confident mistakes a
+reviewer most wants explained.
 
 The target is the last convolutional stage of the top-level graph with a grid fine enough to
 read (see :func:`target_layer`): a ``Conv2D`` together with the batch normalisation and
@@ -169,8 +176,8 @@ def gradcam(model: keras.Model, images: np.ndarray, target_class: np.ndarray | i
     features = tf.cast(features, tf.float32)
     # A sign per image: the gradient of -logit explains "normal" exactly as +logit explains pneumonia.
     gradients = tf.cast(gradients, tf.float32) * signs[:, None, None, None]
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    cams = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+    # Element-wise, not averaged over positions first (see the module docstring).
+    cams = tf.nn.relu(tf.reduce_sum(gradients * features, axis=-1))[..., None]
     cams = tf.image.resize(cams, images.shape[1:3], method="bilinear")[..., 0].numpy()
     peaks = cams.reshape(len(cams), -1).max(axis=1)
     return np.where(peaks[:, None, None] > 0, cams / np.maximum(peaks, 1e-12)[:, None, None], 0.0).astype(np.float32)

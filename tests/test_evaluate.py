@@ -261,3 +261,18 @@ def test_gradcam_finds_the_last_convolution_of_every_model(name):
     heat = gradcam.gradcam(model, images, np.array([1, 0]))
     assert heat.shape == (2, size, size) and heat.dtype == np.float32
     assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+
+
+@pytest.mark.slow
+def test_the_heatmaps_of_the_most_confident_predictions_are_not_empty(models_store):
+    """Grad-CAM's position-averaged weights went negative everywhere for confident false positives."""
+    from pneumo import model_io, pipeline
+    from pneumo.manifests import resolve_manifest
+
+    trained = model_io.load_trained_model(models_store.model_uri(models_store.aug_cnn))
+    manifest = resolve_manifest(DataConfig(data_dir=str(models_store.data_dir), manifest=models_store.manifest))
+    images = pipeline.load_split(manifest.split("val"), manifest.data_dir, trained.contract.input_spec)
+    probabilities = model_io.predict_probabilities(trained.model, images.images)
+    confident = np.argsort(-probabilities)[:8]
+    heatmaps = gradcam.gradcam(trained.model, images.images[confident], 1)
+    assert all(heatmap.max() > 0 for heatmap in heatmaps), probabilities[confident]

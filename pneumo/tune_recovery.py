@@ -85,8 +85,10 @@ def close_orphaned_runs(study: optuna.Study) -> int:
             continue
         try:
             run = client.get_run(run_id)
-            if run.info.status == "RUNNING":
+            if run.info.status != "FINISHED" and STATE_TAG not in run.data.tags:
+                # The run may already be KILLED by pneumo.runs.close_orphans; the trial's state is ours to say.
                 client.set_tag(run_id, STATE_TAG, TrialState.FAIL.name)
+            if run.info.status == "RUNNING":
                 client.set_terminated(run_id, "KILLED")
                 closed += 1
                 log.warning("trial %d failed; its MLflow run %s is ended as KILLED", trial.number, run_id)

@@ -34,7 +34,7 @@ from pneumo.data import (
     resolve_data_dir,
     split_frame,
 )
-from pneumo.errors import DataError
+from pneumo.errors import ConfigError, DataError
 from pneumo.manifests import log_manifest
 from pneumo.preprocessing import InputSpec, decode_file
 
@@ -283,8 +283,8 @@ def test_notebook_scheme_moves_100_test_images_to_val_without_touching_files(tmp
     assert manifest.loc[manifest["split"] == "val", "path"].str.startswith("test/").all()
     assert manifest.loc[manifest["split"] == "train", "path"].str.startswith("train/").all()
     assert len(split_frame(manifest, "test")) == 20
-    with pytest.raises(DataError, match="val_scheme"):
-        build_manifest(discover(tmp_path).images, 0.1, 3, val_scheme="random")
+    with pytest.raises(ConfigError, match="val_scheme"):  # checked once, by the config
+        DataConfig(val_scheme="random")
 
 
 def test_notebook_scheme_needs_a_test_folder(tmp_path):

@@ -72,7 +72,8 @@ def test_spark_udf_answers_what_predict_answers_for_every_file(tracking, tmp_pat
 
     scored["file"] = [unquote(urlparse(path).path) for path in scored.pop("path")]
     scored = scored.set_index("file")
-    assert list(scored.columns) == list(model_io.OUTPUT_COLUMNS)
+    assert list(scored.columns) == [*model_io.OUTPUT_COLUMNS, *model_io.IDENTITY_COLUMNS]
+    assert scored["model_run_id"].nunique() == 1 and scored["model_id"].iloc[0].startswith("m-")
     assert sorted(scored.index) == sorted(files) == sorted(expected.index)
     scored = scored.loc[expected.index]
     np.testing.assert_allclose(scored["probability"], expected["probability"], rtol=0, atol=1e-6)

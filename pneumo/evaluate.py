@@ -82,14 +82,14 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
                 registry.Floors(config.floor_sensitivity, config.floor_specificity, config.floor_roc_auc),
                 _card_figures(predicted, threshold, intervals, config.split),
             )
-        log.info(
-            "%s: ROC AUC %.4f; at threshold %.3f sensitivity %.3f, specificity %.3f",
-            title,
-            scores[f"{config.split}_roc_auc"],
-            threshold,
-            scores[f"{config.split}_sensitivity_at_threshold"],
-            scores[f"{config.split}_specificity_at_threshold"],
+        summary = (
+            f"{title}: ROC AUC {scores[f'{config.split}_roc_auc']:.4f}; at threshold {threshold:.3f} "
+            f"sensitivity {scores[f'{config.split}_sensitivity_at_threshold']:.3f}, "
+            f"specificity {scores[f'{config.split}_specificity_at_threshold']:.3f}."
         )
+        log.info("%s", summary)
+        # The run's description in the UI, which was empty for evaluate runs.
+        mlflow.set_tag("mlflow.note.content", summary)
         return run.info.run_id
 
 

@@ -126,18 +126,6 @@ class TrainedModel:
         return self.contract.run_id
 
 
-def read_model_contract(model_dir: str | Path) -> ModelContract:
-    """The contract of a downloaded pneumo pyfunc folder.
-
-    Raises:
-        ConfigError: The folder is not a pneumo model, or its contract cannot be read.
-    """
-    artifacts = Model.load(str(model_dir)).flavors.get("python_function", {}).get("artifacts", {})
-    if MODEL_ARTIFACT not in artifacts or CONFIG_ARTIFACT not in artifacts:
-        raise ConfigError(f"{model_dir} is not a pneumo model (no '{MODEL_ARTIFACT}'/'{CONFIG_ARTIFACT}' artifacts)")
-    return read_contract((Path(model_dir) / artifacts[CONFIG_ARTIFACT]["path"]).read_text())
-
-
 def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedModel:
     """Download a logged pneumo pyfunc and open its Keras model and contract.
 
@@ -160,9 +148,13 @@ def load_trained_model(model_uri: str, dst_path: str | None = None) -> TrainedMo
     """
     with tempfile.TemporaryDirectory() as folder:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path or folder))
-        contract = read_model_contract(local)
         mlmodel = Model.load(str(local))
-        artifacts = mlmodel.flavors["python_function"]["artifacts"]
+        artifacts = mlmodel.flavors.get("python_function", {}).get("artifacts", {})
+        if MODEL_ARTIFACT not in artifacts or CONFIG_ARTIFACT not in artifacts:
+            raise ConfigError(
+                f"{model_uri} is not a pneumo model (no '{MODEL_ARTIFACT}'/'{CONFIG_ARTIFACT}' artifacts)"
+            )
+        contract = read_contract((local / artifacts[CONFIG_ARTIFACT]["path"]).read_text())
         model = load_keras_model(local / artifacts[MODEL_ARTIFACT]["path"])
     if contract.run_id is None and mlmodel.run_id:
         contract = contract.derived(run_id=mlmodel.run_id)

@@ -157,3 +157,16 @@ def test_the_model_card_is_written_from_the_contract_with_every_section_and_no_l
     assert "| roc auc | 0.960 | [0.940, 0.980] |" in card  # the other acquisition's figures, with intervals
     assert "`m/3`" in card and "digest123" in card and "abc123" in card and "0.3000" in card
     assert not re.search(r"(?<![\w:])/(?:home|tmp|work|root|Users|mnt|data)\b", card)  # no absolute local path
+
+
+class _NotPneumo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+@pytest.mark.slow
+def test_a_model_that_is_not_pneumos_is_refused_by_name(tracking):
+    with mlflow.start_run():
+        uri = mlflow.pyfunc.log_model(name="model", python_model=_NotPneumo()).model_uri
+    with pytest.raises(ConfigError, match="is not a pneumo model"):
+        model_io.load_trained_model(uri)

@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumo import CLASS_NAMES, manifests, metrics, model_io, pipeline, plots, registry, tracking
+from pneumo import CLASS_NAMES, manifests, metrics, model_io, pipeline, plots, registry, tracking, training
 from pneumo.augmentation import build_augmenter
 from pneumo.config import AdaptConfig, AugmentConfig, DataConfig, RunConfigs, replace_fields
 from pneumo.contract import Figures, Lineage, ModelContract, SiteFigures
@@ -382,6 +382,12 @@ def adapt(data: DataConfig, config: AdaptConfig) -> str:
             _log_figures("site_oof", oof)
             _log_figures("parent_site", before)
             tracking.log_metrics({"site_threshold": threshold, "parent_threshold": parent.contract.threshold})
+            fitted = training.log_calibration(
+                sample.labels, out_of_fold, "the site sample's out-of-fold scores", data.seed, "site"
+            )
+            if parent.contract.input_gate is not None:
+                passed = parent.contract.input_gate.judge(sample.images).passed
+                tracking.log_metrics({"site_ood_pass_rate": float(passed.mean())})
             final = adapter.fit(sample, 0)
             served = averaged([*fold_models, final]) if config.ensemble else final
             forgetting = _forgetting(served, parent, data, threshold)
@@ -415,6 +421,7 @@ def adapt(data: DataConfig, config: AdaptConfig) -> str:
             tracking.log_json(curve, "learning_curve.json")
             tracking.log_figure(plots.plot_learning_curve(curve, config.site_sensitivity), "plots/learning_curve.png")
         contract = _adapted_contract(parent, config, data, threshold, manifest, oof, before, forgetting, parent_version)
+        contract = contract.derived(calibration=fitted)
         seconds = time.perf_counter() - started
         tracking.log_metrics({"adapt_seconds": seconds})
         note = (

@@ -23,11 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pneumo import CLASS_NAMES
+from pneumo.calibration import Calibration
 from pneumo.config import json_text
 from pneumo.errors import ConfigError
+from pneumo.ood import Gaussian, InputGate
 from pneumo.preprocessing import InputSpec
 
-CONTRACT_VERSION = 2
+# Version 3 added the input gate and the calibration: a pneumo that predates them must refuse such a
+# model rather than serve it without its out-of-distribution check.
+CONTRACT_VERSION = 3
 CONTRACT_FILE = "model_config.json"
 # An interval: (point estimate, lower bound, upper bound); the bounds are NaN where undefined.
 Interval = tuple[float, float, float]
@@ -115,6 +119,10 @@ class ModelContract:
         cross_validation: ``cv``'s fold summary, for models refitted after cross-validation.
         lineage: For a site version, where it came from.
         site: For a site version, how it was fitted to the site and how it did there.
+        input_gate: What the images it was made for look like (:mod:`pneumo.ood`); ``None`` for a
+            model logged before the gate existed, whose answers then say nothing about their input.
+        calibration: The map from its raw score to the probability it serves (:mod:`pneumo.calibration`);
+            ``None`` serves the raw score.
         version: The contract's format version.
     """
 
@@ -130,6 +138,8 @@ class ModelContract:
     cross_validation: dict[str, float] | None = None
     lineage: Lineage | None = None
     site: SiteFigures | None = None
+    input_gate: InputGate | None = None
+    calibration: Calibration | None = None
     version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
@@ -162,8 +172,41 @@ def _figures(payload: dict[str, Any]) -> Figures:
     )
 
 
+def _gaussian(payload: dict[str, Any]) -> Gaussian:
+    return Gaussian(
+        mean=tuple(map(float, payload["mean"])),
+        scale=tuple(map(float, payload["scale"])),
+        directions=tuple(tuple(map(float, row)) for row in payload["directions"]),
+        variances=tuple(map(float, payload["variances"])),
+        residual_scale=float(payload["residual_scale"]),
+    )
+
+
+def _gate(payload: dict[str, Any]) -> InputGate:
+    return InputGate(
+        layout=_gaussian(payload["layout"]),
+        texture=_gaussian(payload["texture"]),
+        layout_limit=float(payload["layout_limit"]),
+        texture_limit=float(payload["texture_limit"]),
+        validation_pass_rate=float(payload["validation_pass_rate"]),
+        n_fitted=int(payload["n_fitted"]),
+        n_calibrated=int(payload["n_calibrated"]),
+    )
+
+
+def _calibration(payload: dict[str, Any]) -> Calibration:
+    return Calibration(
+        slope=float(payload["slope"]),
+        intercept=float(payload["intercept"]),
+        fitted_on=str(payload["fitted_on"]),
+        n_images=int(payload["n_images"]),
+        ece_before=_number(payload["ece_before"]),
+        ece_after=_number(payload["ece_after"]),
+    )
+
+
 def _from_v1(payload: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 file (the untyped dict logged before the contract) in version 2's shape.
+    """A version-1 file (the untyped dict logged before the contract) in the current shape.
 
     Version 1 held ``image_size``, ``channels``, optionally ``crop`` and ``equalize``, ``threshold``,
     ``class_names``, ``val_metrics``, ``run_id``, ``config`` and ``entry_point``, plus
@@ -251,6 +294,8 @@ def parse_contract(payload: Any) -> ModelContract:
                 if site
                 else None
             ),
+            input_gate=_gate(fields["input_gate"]) if fields.get("input_gate") else None,
+            calibration=_calibration(fields["calibration"]) if fields.get("calibration") else None,
         )
     except ConfigError:
         raise

@@ -18,7 +18,20 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pneumo import CLASS_NAMES, gradcam, manifests, metrics, model_io, pipeline, plots, registry, tracking
+from pneumo import (
+    CLASS_NAMES,
+    calibration,
+    gradcam,
+    manifests,
+    metrics,
+    model_io,
+    pipeline,
+    plots,
+    registry,
+    serving,
+    tracking,
+    training,
+)
 from pneumo.config import DataConfig, EvalConfig, RunConfigs
 from pneumo.contract import Figures, Lineage, SiteFigures
 from pneumo.data import Manifest, ids_shared_with_training, patient_key, read_checked
@@ -62,6 +75,7 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
         predicted = _predict_evaluated_split(trained, manifest, config.split, data.cache_dir, config.tta)
         site_threshold = _site_threshold(predicted, config) if config.calibrate else None  # refuses early
         scores = _log_metrics(trained, predicted, threshold, config.split)
+        _log_trust(trained, predicted, config.split)
         intervals = _log_intervals(predicted, threshold, config.split, config.bootstrap)
         _log_without_shared_ids(manifest, predicted, threshold, config.split)
         title = f"{_model_name(trained)} on {config.split} ({len(predicted.labels)} images)"
@@ -212,6 +226,26 @@ def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float
     return scores
 
 
+def _log_trust(trained: TrainedModel, predicted: Predictions, split: str) -> None:
+    """Log what the served answers would say about the split beyond the label: calibration and the input gate.
+
+    ``<split>_ece`` (raw score) and ``<split>_ece_calibrated`` (as served), and the input gate's
+    ``<split>_ood_pass_rate`` and ``n_<split>_uncertain`` (images the server would answer UNCERTAIN).
+    """
+    labels, probabilities, contract = predicted.labels, predicted.probabilities, trained.contract
+    figures = {f"{split}_ece": calibration.expected_calibration_error(labels, probabilities)}
+    if contract.calibration is not None:
+        figures[f"{split}_ece_calibrated"] = calibration.expected_calibration_error(
+            labels, contract.calibration.apply(probabilities)
+        )
+    if contract.input_gate is not None:
+        passed = contract.input_gate.judge(predicted.images.images).passed
+        figures |= {f"{split}_ood_pass_rate": float(passed.mean()), f"n_{split}_uncertain": int((~passed).sum())}
+    else:
+        mlflow.set_tag("pneumo.input_gate", "none: the model was logged before the input gate existed")
+    tracking.log_metrics(figures)
+
+
 def _log_intervals(predicted: Predictions, threshold: float, prefix: str, resamples: int) -> dict:
     """Log patient-grouped bootstrap 95% intervals of ROC AUC, sensitivity and specificity.
 
@@ -313,9 +347,13 @@ def _register_site_version(
         metrics=metrics.binary_metrics(labels, probabilities, trained.contract.threshold),
         intervals={},
     )
+    # The weights are the parent's, so its scores of the sample are already out of sample: the
+    # calibration is refitted on them, as the threshold is.
+    fitted = training.log_calibration(labels, probabilities, "the site sample (the parent's weights)", 0, "site")
     contract = trained.contract.derived(
         threshold=float(threshold),
         threshold_rule=f"site sample sensitivity >= {config.site_sensitivity}",
+        calibration=fitted,
         run_id=mlflow.active_run().info.run_id,
         lineage=Lineage(
             method="site calibration",
@@ -359,9 +397,10 @@ def _log_figures(trained: TrainedModel, predicted: Predictions, threshold: float
         plots.plot_precision_recall(labels, probabilities, threshold, name, f"Precision-recall: {title}"),
         "plots/pr_curve.png",
     )
-    tracking.log_figure(
-        plots.plot_calibration(labels, probabilities, name, f"Calibration: {title}"), "plots/calibration.png"
-    )
+    scored = {f"{name}, raw score": probabilities}
+    if trained.contract.calibration is not None:
+        scored["calibrated (as served)"] = trained.contract.calibration.apply(probabilities)
+    tracking.log_figure(plots.plot_calibration(labels, scored, f"Calibration: {title}"), "plots/calibration.png")
     tracking.log_figure(
         plots.plot_threshold_sweep(labels, probabilities, threshold, f"Sensitivity and specificity: {title}"),
         "plots/threshold_sweep.png",
@@ -375,6 +414,12 @@ def _log_figures(trained: TrainedModel, predicted: Predictions, threshold: float
                 "probability": probabilities,
                 "predicted_label": [CLASS_NAMES[int(p)] for p in probabilities >= threshold],
             }
+        ).join(
+            serving.answer_frame(trained.contract, predicted.images.images, probabilities)[
+                ["label", "probability", "in_distribution", "ood_score"]
+            ]
+            .rename(columns={"label": "served_label", "probability": "served_probability"})
+            .set_axis(predicted.images.frame.index)
         ),
         "predictions.csv",
     )

@@ -27,9 +27,14 @@ KNOWN_LIMITS = (
     "Other hospitals: on differently acquired images the ranking is weaker and the threshold does not carry "
     "over; adapt it (`adapt`) or calibrate it (`evaluate -P calibrate=true`) on the site's own labelled images.",
     "Adults: never seen; its figures say nothing about them.",
-    "Lateral views, rotated or inverted films: never seen; a film fed sideways has been called normal.",
-    "Only pneumonia against normal: other findings (effusion, masks, lines, tubes) are not recognised.",
-    "Probabilities are not calibrated to another site's prevalence.",
+    "Lateral views and adults' films: never seen; the input gate knows only what the training hospital's frontal "
+    "pediatric films look like, so such a film may pass it and get a confident answer.",
+    "What the input gate catches (the answer is UNCERTAIN, never NORMAL or PNEUMONIA): blank frames, noise, "
+    "photographs, text pages, checkerboards, inverted films and films rotated by 90 or 270 degrees. Upside-down "
+    "(180 degrees) and mirrored films are not reliably caught.",
+    "Only pneumonia against normal: other findings (effusion, masses, lines, tubes) are not recognised.",
+    "Probabilities are calibrated on the training hospital's validation split (or, for a site version, on the "
+    "site's sample); at another site they are only as good as that site's own calibration.",
 )
 
 
@@ -53,6 +58,30 @@ def _figures_table(figures: Figures) -> list[str]:
         bounds = f"[{_number(interval[1])}, {_number(interval[2])}]" if interval else "not computed"
         rows.append(f"| {name.replace('_', ' ')} | {_number(figures.metrics[name])} | {bounds} |")
     return rows + [""]
+
+
+def _trust_lines(contract: ModelContract) -> list[str]:
+    """What the card says of the calibration and the input gate."""
+    lines = []
+    fitted = contract.calibration
+    if fitted is None:
+        lines.append("- Calibration: none; `probability` is the raw score.")
+    else:
+        lines.append(
+            f"- Calibration: Platt scaling fitted on {fitted.fitted_on} ({fitted.n_images} images); "
+            f"expected calibration error there {_number(fitted.ece_before)} raw, {_number(fitted.ece_after)} "
+            "calibrated (out of fold). The served `probability` and `threshold` are calibrated; the labels are "
+            "those of the raw threshold."
+        )
+    gate = contract.input_gate
+    if gate is None:
+        lines.append("- Input gate: none (logged before it existed); `in_distribution` is empty.")
+    else:
+        lines.append(
+            f"- Input gate: fitted on {gate.n_fitted} training images; {_number(100 * gate.validation_pass_rate, 1)}% "
+            f"of {gate.n_calibrated} validation X-rays pass. An image that fails is answered UNCERTAIN."
+        )
+    return lines
 
 
 def model_card(
@@ -92,8 +121,10 @@ def model_card(
         "",
         f"- One image per row, base64 of a JPEG, PNG or DICOM file; decoded to {spec.image_size} x {spec.image_size} "
         f"{'grayscale' if spec.channels == 1 else 'RGB'}, border crop {spec.crop:g}, equalisation `{spec.equalize}`.",
-        f"- Answer: `label` ({' or '.join(contract.class_names)}), `probability` of pneumonia, `threshold`.",
-        f"- Operating threshold {contract.threshold:.4f}: {contract.threshold_rule}.",
+        f"- Answer: `label` ({', '.join(contract.class_names)} or UNCERTAIN), `probability` of pneumonia, "
+        "`threshold`, `in_distribution`, `ood_score`.",
+        f"- Operating threshold {contract.threshold:.4f} on the raw score: {contract.threshold_rule}.",
+        *_trust_lines(contract),
         "",
         "## Figures",
         "",

@@ -30,7 +30,10 @@ from pneumo.synthetic import synthetic_example_base64
 IMAGE_COLUMN = "image"
 MODEL_ARTIFACT = "keras_model"
 CONFIG_ARTIFACT = "model_config"
-OUTPUT_COLUMNS = ("label", "probability", "threshold")
+# label: NORMAL or PNEUMONIA at the threshold, or UNCERTAIN when in_distribution is false;
+# probability and threshold: calibrated (pneumo.calibration), so probability >= threshold is the
+# decision; in_distribution and ood_score: the input gate's verdict (pneumo.ood; passes at <= 1).
+OUTPUT_COLUMNS = ("label", "probability", "threshold", "in_distribution", "ood_score")
 # Which model answered, on every served row: the logged model's MLflow id (a registered version's
 # source is models:/<model_id>), its training run and the git commit of the code that trained it.
 IDENTITY_COLUMNS = ("model_id", "model_run_id", "code_version")
@@ -38,7 +41,13 @@ IDENTITY_COLUMNS = ("model_id", "model_run_id", "code_version")
 # request's data; an optional one is dropped, and pneumo.limits.check_request refuses it instead.
 INPUT_SCHEMA = Schema([ColSpec("string", IMAGE_COLUMN, required=False)])
 OUTPUT_SCHEMA = Schema(
-    [ColSpec("string", "label"), ColSpec("double", "probability"), ColSpec("double", "threshold")]
+    [
+        ColSpec("string", "label"),
+        ColSpec("double", "probability"),
+        ColSpec("double", "threshold"),
+        ColSpec("boolean", "in_distribution"),
+        ColSpec("double", "ood_score"),
+    ]
     + [ColSpec("string", name) for name in IDENTITY_COLUMNS]
 )
 # Request parameters: {"params": {"tta": true}} averages over the fixed test-time views.

@@ -37,6 +37,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
+from pneumo import UNCERTAIN
 from pneumo.errors import ConfigError, DataError, ImageError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ ENV_CA_BUNDLE = "PNEUMO_DICOMWEB_CA_BUNDLE"
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
+INDETERMINATE = codes.SCT.Indeterminate
+# The coded finding of each served label (UNCERTAIN: the input gate said the image is not what the model was made for).
+FINDINGS = {"PNEUMONIA": PRESENT, "NORMAL": ABSENT, UNCERTAIN: INDETERMINATE}
 PROBABILITY = codes.DCM.Probability
 THRESHOLD = codes.DCM.ThresholdValue
 NO_UNITS = codes.UCUM.NoUnits
@@ -62,6 +66,11 @@ SR_SERIES_NUMBER = 9901
 DISCLAIMER = (
     "Automated second reader (pneumo): a classifier's output for a clinician to weigh, not a diagnosis. "
     "It was not reviewed by a person; the finding depends on the operating threshold stated here."
+)
+UNCERTAIN_COMMENT = (
+    "Not evaluated: the image does not look like a frontal chest X-ray of the kind this model was trained on "
+    "(its input check failed: another body part or view, a rotated or inverted film, or not a radiograph). "
+    "The probability stated is not to be relied on."
 )
 # WADO-RS media type asking for an instance in the transfer syntax it is stored in.
 _STORED_SYNTAX = (("application/dicom", "*"),)
@@ -103,7 +112,7 @@ class Report:
     model_version: str
     probability: float
     threshold: float
-    pneumonia: bool
+    label: str  # the served label it records: NORMAL, PNEUMONIA or UNCERTAIN
 
 
 class _Session(requests.Session):
@@ -286,24 +295,28 @@ def build_report(
     model: ModelIdentity,
     probability: float,
     threshold: float,
+    label: str,
     series_uid: str,
     instance_number: int,
 ) -> hd.sr.ComprehensiveSR:
     """One Comprehensive SR with the score of one image, in that image's study.
 
     The content is a TID 1500 measurement report, observed by a device (the model), holding one
-    TID 1501 measurement group: finding "Pneumonia" with a qualitative evaluation present/absent
-    at the threshold, the probability and the threshold as numbers, the model as algorithm name
-    and version, the source image, and a comment that this is a second reader's output and not a
-    diagnosis. The evidence sequence references the image's study, series and SOP instance. The
-    document is marked complete, preliminary and unverified: nobody has signed it.
+    TID 1501 measurement group: finding "Pneumonia" with a qualitative evaluation present or absent
+    at the threshold, or indeterminate when the input gate said the image is not what the model
+    was made for (then a second comment says so), the probability and the threshold as numbers,
+    the model as algorithm name and version, the source image, and a comment that this is a second
+    reader's output and not a diagnosis. The evidence sequence references the image's study,
+    series and SOP instance. The document is marked complete, preliminary and unverified: nobody
+    has signed it.
 
     Args:
         header: The source image's header (patient and study modules are copied from it).
         ref: The source image.
         model: The model that scored it.
-        probability: Probability of pneumonia.
-        threshold: The model's operating threshold; ``probability >= threshold`` is a finding.
+        probability: Probability of pneumonia (as served: calibrated).
+        threshold: The model's operating threshold, on the same scale.
+        label: The served label (:func:`pneumo.serving.answer_frame`): NORMAL, PNEUMONIA or UNCERTAIN.
         series_uid: The report series (new, in the image's study).
         instance_number: The report's number in that series.
     """
@@ -311,7 +324,6 @@ def build_report(
     for keyword in _TYPE2_COPIED:
         if keyword not in evidence:
             setattr(evidence, keyword, "")
-    pneumonia = probability >= threshold
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="pneumonia score"),
         finding_type=PNEUMONIA,
@@ -322,15 +334,17 @@ def build_report(
             hd.sr.Measurement(name=PROBABILITY, value=float(probability), unit=NO_UNITS),
             hd.sr.Measurement(name=THRESHOLD, value=float(threshold), unit=NO_UNITS),
         ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=PRESENT if pneumonia else ABSENT)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=FINDINGS[label])],
         source_images=[hd.sr.SourceImageForMeasurementGroup(ref.sop_class_uid, ref.sop_uid)],
     )
     # TID 1501 admits TEXT qualitative evaluations; highdicom's constructor takes coded ones only.
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=codes.DCM.Comment, value=DISCLAIMER, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    comments = [DISCLAIMER] + ([UNCERTAIN_COMMENT] if label == UNCERTAIN else [])
+    for comment in comments:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment, value=comment, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+            )
         )
-    )
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=[MANUFACTURER, model.name, model.version]),
         name="pneumo second reader",
@@ -397,7 +411,7 @@ def read_report(dataset: Dataset) -> Report | None:
             model_version=version,
             probability=float(probability.value),
             threshold=float(threshold.value),
-            pneumonia=evaluation.value == PRESENT,
+            label=next((label for label, code in FINDINGS.items() if evaluation.value == code), ""),
         )
     except (AttributeError, KeyError, TypeError, ValueError):  # not the structure we write
         return None

@@ -22,6 +22,7 @@ from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, roc_curve
 
 from pneumo import CLASS_NAMES
+from pneumo.calibration import expected_calibration_error
 from pneumo.metrics import binary_metrics
 
 if TYPE_CHECKING:
@@ -178,24 +179,32 @@ def plot_precision_recall(
     return figure
 
 
-def plot_calibration(labels: np.ndarray, probabilities: np.ndarray, name: str, title: str) -> plt.Figure:
-    """Reliability diagram (quantile bins) above a histogram of the predicted probabilities."""
+def plot_calibration(labels: np.ndarray, scored: dict[str, np.ndarray], title: str) -> plt.Figure:
+    """Reliability diagrams (quantile bins) of one or more scorings, above a histogram of the last.
+
+    Args:
+        labels: 0/1 labels.
+        scored: ``{name: probabilities}``, e.g. the raw score and the calibrated one; each curve's
+            legend gives its expected calibration error (:func:`pneumo.calibration.expected_calibration_error`).
+        title: Figure title.
+    """
     figure, (curve, histogram) = plt.subplots(2, 1, figsize=(5.2, 6.4), height_ratios=(3, 1.3), sharex=True)
     # Quantile bins hold equally many images: the probabilities of a trained model crowd near 0 and 1.
     bins = int(np.clip(len(labels) // 20, 3, 10))
-    CalibrationDisplay.from_predictions(labels, probabilities, n_bins=bins, strategy="quantile", name=name, ax=curve)
-    curve.set_title(f"{title}\nBrier score {binary_metrics(labels, probabilities, 0.5)['brier']:.4f}")
+    for name, probabilities in scored.items():
+        ece = expected_calibration_error(labels, probabilities)
+        CalibrationDisplay.from_predictions(
+            labels, probabilities, n_bins=bins, strategy="quantile", name=f"{name} (ECE {ece:.3f})", ax=curve
+        )
+    curve.set_title(_wrapped(title), fontsize=10)
     curve.set_xlabel("")
+    curve.legend(loc="upper left", fontsize=8)
+    last_name, last = list(scored.items())[-1]
     for label, colour in ((0, "#4c72b0"), (1, "#dd8452")):
         histogram.hist(
-            probabilities[labels == label],
-            bins=20,
-            range=(0, 1),
-            alpha=0.6,
-            color=colour,
-            label=DISPLAY_NAMES[label],
+            last[labels == label], bins=20, range=(0, 1), alpha=0.6, color=colour, label=DISPLAY_NAMES[label]
         )
-    histogram.set_xlabel("predicted probability of pneumonia")
+    histogram.set_xlabel(f"probability of pneumonia ({last_name})")
     histogram.set_ylabel("images")
     histogram.legend(fontsize=8)
     figure.tight_layout()

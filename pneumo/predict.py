@@ -116,20 +116,23 @@ def _score_chunk(chunk: list[Path], trained: model_io.TrainedModel) -> pd.DataFr
     good = [i for i, e in enumerate(errors) if not e]
     side = spec.image_size
     batch = np.stack(images) if images else np.zeros((0, side, side, spec.channels), np.uint8)
-    labelled = serving.label_frame(model_io.predict_probabilities(trained.model, batch), trained.contract.threshold)
+    answers = serving.answer_frame(trained.contract, batch, model_io.predict_probabilities(trained.model, batch))
     part = pd.DataFrame(
         {
             "file": [str(p) for p in chunk],
             "label": "",
             "probability": np.nan,
-            "threshold": trained.contract.threshold,
+            "threshold": serving.served_threshold(trained.contract),
+            "in_distribution": pd.Series([None] * len(chunk), dtype=object),
+            "ood_score": np.nan,
             "error": errors,
             **{name: [u[name] for u in uids] for name in UID_COLUMNS},
         }
     )
-    part.loc[good, "label"] = labelled["label"].to_numpy()
-    part.loc[good, "probability"] = labelled["probability"].to_numpy()
+    for column in model_io.OUTPUT_COLUMNS:
+        part.loc[good, column] = answers[column].to_numpy()
     part["probability"] = part["probability"].astype(float)
+    part["ood_score"] = part["ood_score"].astype(float)
     return part[COLUMNS]
 
 
@@ -154,7 +157,8 @@ def predict_files(files: list[Path], model_uri: str, batch_size: int = 64) -> pd
         batch_size: Files decoded and predicted together.
 
     Returns:
-        Columns ``file``, ``label``, ``probability``, ``threshold``, ``error`` (empty when
+        Columns ``file``, ``label``, ``probability``, ``threshold``, ``in_distribution``,
+        ``ood_score`` (as the server answers them), ``error`` (empty when
         predicted), ``StudyInstanceUID``, ``SeriesInstanceUID``, ``SOPInstanceUID`` (empty for
         files that are not DICOM).
     """

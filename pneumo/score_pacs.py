@@ -4,7 +4,8 @@ QIDO-RS finds the instances of the chosen modalities and study dates, WADO-RS fe
 syntax it is stored in, the model scores it through the serving decode path
 (:func:`pneumo.preprocessing.decode_image` with the model's input spec, then
 :func:`pneumo.model_io.predict_probabilities`), and STOW-RS stores a Structured Report with the
-finding, the probability, the threshold and the model version (:func:`pneumo.pacs.build_report`).
+finding (indeterminate where the model's input gate fails the image), the probability, the
+threshold and the model version (:func:`pneumo.pacs.build_report`).
 A rerun reads the reports already in each study and scores only the images that this model
 version has not reported; one instance that fails (cannot be fetched, decoded or stored) is
 recorded and the batch goes on. The MLflow run logs the counts, the timings, the model version and
@@ -26,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydicom.uid import generate_uid
 
-from pneumo import model_io, pacs, serving
+from pneumo import UNCERTAIN, model_io, pacs, serving
 from pneumo.config import PacsConfig, RunConfigs
 from pneumo.errors import ConfigError, DataError
 from pneumo.pacs import InstanceRef, ModelIdentity
@@ -47,6 +48,8 @@ RESULT_COLUMNS = [
     "label",
     "probability",
     "threshold",
+    "in_distribution",
+    "ood_score",
     "report_sop_instance_uid",
     "error",
 ]
@@ -88,7 +91,7 @@ def resolve_model(model_uri: str) -> ModelIdentity:
 
 
 def _row(ref: InstanceRef, status: str, **values: Any) -> dict[str, Any]:
-    row = {column: "" for column in RESULT_COLUMNS} | {"probability": np.nan, "threshold": np.nan}
+    row = {column: "" for column in RESULT_COLUMNS} | {"probability": np.nan, "threshold": np.nan, "ood_score": np.nan}
     row |= {
         "study_instance_uid": ref.study_uid,
         "series_instance_uid": ref.series_uid,
@@ -136,7 +139,7 @@ def score_pacs(config: PacsConfig) -> str:
     """
     model = resolve_model(config.model_uri)
     trained = model_io.load_trained_model(model.uri)
-    spec, threshold = trained.contract.input_spec, trained.contract.threshold
+    spec, threshold = trained.contract.input_spec, serving.served_threshold(trained.contract)
     client = pacs.connect(config.dicomweb_url, config.timeout)
     timer, rows = _Timer(), []
     started = time.perf_counter()
@@ -188,24 +191,29 @@ def score_pacs(config: PacsConfig) -> str:
             if not decoded:
                 continue
             since = time.perf_counter()
-            probabilities = model_io.predict_probabilities(trained.model, np.stack([image for _, _, image in decoded]))
-            labels = serving.label_frame(probabilities, threshold)["label"]
+            batch = np.stack([image for _, _, image in decoded])
+            probabilities = model_io.predict_probabilities(trained.model, batch)
+            answers = serving.answer_frame(trained.contract, batch, probabilities)
             timer.add("predict", since)
-            for (ref, header, _), probability, label in zip(decoded, probabilities, labels):
+            for (ref, header, _), answer in zip(decoded, answers.itertuples(index=False)):
                 since = time.perf_counter()
                 series_uid, counter = report_series.setdefault(ref.study_uid, (generate_uid(), [0]))
                 counter[0] += 1
                 values = {
                     "transfer_syntax": pacs.transfer_syntax(header),
-                    "probability": float(probability),
+                    "probability": float(answer.probability),
                     "threshold": threshold,
+                    "in_distribution": answer.in_distribution,
+                    "ood_score": answer.ood_score,
                 }
                 try:
                     report = pacs.build_report(
-                        header, ref, model, float(probability), threshold, series_uid, counter[0]
+                        header, ref, model, float(answer.probability), threshold, answer.label, series_uid, counter[0]
                     )
                     pacs.store_report(client, report)
-                    rows.append(_row(ref, SCORED, label=label, report_sop_instance_uid=report.SOPInstanceUID, **values))
+                    rows.append(
+                        _row(ref, SCORED, label=answer.label, report_sop_instance_uid=report.SOPInstanceUID, **values)
+                    )
                 except Exception as error:  # noqa: BLE001  (recorded; the batch goes on)
                     rows.append(_row(ref, FAILED, error=f"report not stored: {pacs.describe_failure(error)}", **values))
                     log.warning("the report of one instance was not stored: %s", pacs.describe_failure(error))
@@ -219,6 +227,7 @@ def score_pacs(config: PacsConfig) -> str:
                 "n_scored": int(counts.get(SCORED, 0)),
                 "n_skipped": int(counts.get(SKIPPED, 0)),
                 "n_failed": int(counts.get(FAILED, 0)),
+                "n_uncertain": int((results["label"] == UNCERTAIN).sum()),
             }
             | {f"seconds_{phase}": seconds for phase, seconds in timer.seconds.items()}
         )

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from mlflow.models import Model
 
-from pneumo import CLASS_NAMES
-from pneumo.contract import read_contract
+from pneumo import CLASS_NAMES, UNCERTAIN
+from pneumo.contract import ModelContract, read_contract
 from pneumo.errors import ImageError
 from pneumo.limits import (
     PredictionSlots,
@@ -83,14 +83,50 @@ def base64_payload(value: Any) -> bytes:
         raise ImageError(f"'{IMAGE_COLUMN}' is not valid base64 ({error})") from error
 
 
-def label_frame(probabilities: np.ndarray, threshold: float) -> pd.DataFrame:
-    """The served output: ``label`` (class name at ``threshold``), ``probability``, ``threshold``."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
+def served_threshold(contract: ModelContract) -> float:
+    """The operating threshold on the scale of the served probability (calibrated, if the model is)."""
+    calibration = contract.calibration
+    return float(calibration.apply(contract.threshold)) if calibration else contract.threshold
+
+
+def answer_frame(contract: ModelContract, images: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
+    """The answer for each image, as the server, ``predict`` and ``score_pacs`` give it.
+
+    Args:
+        contract: The model's contract: threshold, calibration and input gate.
+        images: The decoded batch the model scored (the gate judges the same pixels).
+        probabilities: The model's raw scores of them.
+
+    Returns:
+        :data:`~pneumo.model_io.OUTPUT_COLUMNS`: ``label`` is the class at the operating threshold,
+        decided on the raw score, or ``UNCERTAIN`` where the gate says the input is not what the
+        model was made for; ``probability`` and ``threshold`` are calibrated (the raw ones for a
+        model without a calibration), and, the calibration being increasing, ``probability >=
+        threshold`` exactly where the label is PNEUMONIA. ``in_distribution`` and ``ood_score`` are
+        the gate's verdict; empty (null, NaN) for a model logged before the gate existed.
+    """
+    raw = np.asarray(probabilities, dtype=np.float64)
+    positive = raw >= contract.threshold
+    calibration = contract.calibration
+    served = calibration.apply(raw) if calibration else raw
+    threshold = served_threshold(contract)
+    # The decision is the raw score's; rounding must not put a calibrated score on the wrong side.
+    served = np.where(positive, np.maximum(served, threshold), np.minimum(served, np.nextafter(threshold, 0.0)))
+    labels = np.array([CLASS_NAMES[int(p)] for p in positive], dtype=object)
+    if contract.input_gate is None:
+        passed: list[bool | None] = [None] * len(raw)
+        scores = np.full(len(raw), np.nan)
+    else:
+        scores = contract.input_gate.scores(images)
+        passed = [bool(p) for p in scores <= 1.0]
+        labels[scores > 1.0] = UNCERTAIN
     return pd.DataFrame(
         {
-            "label": [CLASS_NAMES[int(p >= threshold)] for p in probabilities],
-            "probability": probabilities,
-            "threshold": np.full(len(probabilities), float(threshold)),
+            "label": labels,
+            "probability": served,
+            "threshold": np.full(len(raw), threshold),
+            "in_distribution": pd.Series(passed, dtype=object),
+            "ood_score": scores,
         },
         columns=list(OUTPUT_COLUMNS),
     )
@@ -126,10 +162,11 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
                 is always the one chosen on validation at training time.
 
         Returns:
-            ``label``, ``probability`` (of pneumonia) and ``threshold`` per row, then which model
-            answered: ``model_id`` (MLflow's logged-model id; a registered version's source is
-            ``models:/<model_id>``), ``model_run_id`` (its training run) and ``code_version`` (the
-            git commit that trained it).
+            Per row, :func:`answer_frame`'s ``label`` (NORMAL, PNEUMONIA or UNCERTAIN),
+            ``probability`` (of pneumonia, calibrated), ``threshold``, ``in_distribution`` and
+            ``ood_score``, then which model answered: ``model_id`` (MLflow's logged-model id; a
+            registered version's source is ``models:/<model_id>``), ``model_run_id`` (its training
+            run) and ``code_version`` (the git commit that trained it).
 
         Raises:
             RequestError: (HTTP 400) the column is missing, a limit of :mod:`pneumo.limits` is
@@ -171,4 +208,4 @@ class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
         tta = bool((params or {}).get("tta", False))
         with self.slots:  # only the forward pass waits for a slot
             probabilities = predict_probabilities(self.model, batch, tta)
-        return label_frame(probabilities, self.contract.threshold).assign(**self.identity)
+        return answer_frame(self.contract, batch, probabilities).assign(**self.identity)

@@ -23,7 +23,7 @@ import pandas as pd
 import tensorflow as tf
 
 import pneumo.distribute as distribute
-from pneumo import CLASS_NAMES, manifests, metrics, model_io, pipeline, plots, runs, tracking
+from pneumo import CLASS_NAMES, calibration, manifests, metrics, model_io, ood, pipeline, plots, runs, tracking
 from pneumo.augmentation import build_augmenter
 from pneumo.config import HIGHER_IS_BETTER, AugmentConfig, DataConfig, RunConfigs, TrainConfig
 from pneumo.contract import Figures, ModelContract
@@ -33,6 +33,8 @@ from pneumo.synthetic import synthetic_chests
 log = logging.getLogger(__name__)
 # Patient-grouped bootstrap resamples behind the validation intervals stored with every model.
 VALIDATION_RESAMPLES = 2000
+# What the validation figures and the calibration rest on, as the contract and the model card say it.
+VALIDATION_ON = "validation split of the training hospital (patient-grouped)"
 
 
 def bf16_supported() -> bool:
@@ -245,7 +247,7 @@ def validation_figures(labels: np.ndarray, probabilities: np.ndarray, threshold:
     """The validation figures stored in the contract: metrics at the threshold, patient-grouped 95% intervals."""
     groups = patient_key(frame).to_numpy(str)
     return Figures(
-        on="validation split of the training hospital (patient-grouped)",
+        on=VALIDATION_ON,
         metrics=metrics.binary_metrics(labels, probabilities, threshold),
         intervals=metrics.bootstrap_intervals(labels, probabilities, threshold, groups, VALIDATION_RESAMPLES),
         n_images=int(len(labels)),
@@ -288,6 +290,7 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
     figures = validation_figures(labels, probabilities, threshold, data.val.frame)
     for metric, (_, low, high) in figures.intervals.items():
         tracking.log_metrics({f"val_{metric}_ci_low": low, f"val_{metric}_ci_high": high})
+    gate, fitted = fit_trust(labels, probabilities, data, configs.data.seed)
     contract = ModelContract(
         entry_point=configs.entry_point,
         input_spec=configs.data.input_spec,
@@ -298,9 +301,52 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
         run_id=mlflow.active_run().info.run_id,
         code_version=tracking.code_version(),
         cross_validation=result.cross_validation,
+        input_gate=gate,
+        calibration=fitted,
     )
     model_io.log_model(result.model, contract)
     return contract
+
+
+def fit_trust(
+    labels: np.ndarray, probabilities: np.ndarray, data: TrainingData, seed: int
+) -> tuple[ood.InputGate, calibration.Calibration]:
+    """Fit the input gate (training images, limits on validation) and the calibration (validation scores).
+
+    Logs ``val_ood_pass_rate`` and what :func:`log_calibration` logs for ``val``.
+    """
+    gate = ood.fit_gate(data.train.images, data.val.images)
+    tracking.log_metrics({"val_ood_pass_rate": gate.validation_pass_rate})
+    return gate, log_calibration(labels, probabilities, VALIDATION_ON, seed, "val")
+
+
+def log_calibration(
+    labels: np.ndarray, probabilities: np.ndarray, fitted_on: str, seed: int, prefix: str
+) -> calibration.Calibration:
+    """Fit the calibration on labelled scores the model did not train on, and log how well it does.
+
+    Logs ``<prefix>_ece`` (raw scores), ``<prefix>_ece_calibrated`` (out of fold) and the
+    reliability diagram of both, ``plots/calibration_<prefix>.png``.
+
+    Args:
+        labels: 0/1 labels.
+        probabilities: Raw scores of images the model did not train on (validation, or a site's
+            out-of-fold scores).
+        fitted_on: Which images, in words.
+        seed: Seed of the out-of-fold split.
+        prefix: Metric and file prefix (``val``, ``site``).
+    """
+    fitted = calibration.fit_calibration(labels, probabilities, fitted_on, seed)
+    tracking.log_metrics({f"{prefix}_ece": fitted.ece_before, f"{prefix}_ece_calibrated": fitted.ece_after})
+    scored = {
+        "raw score": probabilities,
+        "calibrated (out of fold)": calibration.cross_fitted(labels, probabilities, seed),
+    }
+    tracking.log_figure(
+        plots.plot_calibration(labels, scored, f"Calibration on {fitted_on} ({len(labels)} images)"),
+        f"plots/calibration_{prefix}.png",
+    )
+    return fitted
 
 
 def log_augmentation_grid(

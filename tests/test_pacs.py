@@ -340,8 +340,9 @@ def test_score_pacs_round_trip_is_idempotent_and_rescored_by_a_new_version(pacs_
         tolerance = 0.02 if source.name == "dx-jpeg-baseline" else 1e-6
         assert report.probability == pytest.approx(file_route[source.sop], abs=tolerance), source.name
         assert report.threshold == pytest.approx(by_sop.loc[source.sop, "threshold"], abs=1e-12)
-        assert report.pneumonia == (report.probability >= report.threshold)
-        assert by_sop.loc[source.sop, "label"] == ("PNEUMONIA" if report.pneumonia else "NORMAL")
+        assert report.label == by_sop.loc[source.sop, "label"]
+        if report.label != "UNCERTAIN":
+            assert (report.label == "PNEUMONIA") == (report.probability >= report.threshold)
         assert by_sop.loc[source.sop, "report_sop_instance_uid"] == dataset.SOPInstanceUID
         assert pacs.DISCLAIMER in _texts(dataset) and "not a diagnosis" in dataset.SeriesDescription
         assert (dataset.VerificationFlag, dataset.PreliminaryFlag, dataset.CompletionFlag) == (
@@ -460,15 +461,17 @@ def test_report_says_finding_score_threshold_model_and_source(tmp_path):
     ref = pacs.InstanceRef(item.study, item.series, item.sop, xf.DX_FOR_PRESENTATION, "DX")
     model = pacs.ModelIdentity(REGISTERED, "7", f"models:/{REGISTERED}/7")
     series = generate_uid()
-    for probability, finding in [(0.8125, True), (0.25, False)]:
-        written = pacs.build_report(header, ref, model, probability, 0.5, series, 3)
+    for probability, label in [(0.8125, "PNEUMONIA"), (0.25, "NORMAL"), (0.9, "UNCERTAIN")]:
+        written = pacs.build_report(header, ref, model, probability, 0.5, label, series, 3)
         buffer = io.BytesIO()
         written.save_as(buffer, enforce_file_format=True)
         dataset = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
-        assert pacs.read_report(dataset) == pacs.Report(item.sop, REGISTERED, "7", probability, 0.5, finding)
+        assert pacs.read_report(dataset) == pacs.Report(item.sop, REGISTERED, "7", probability, 0.5, label)
         assert (dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.InstanceNumber) == (item.study, series, 3)
         assert (dataset.PatientID, dataset.StudyID) == ("FAKE-0001", "")
         assert pacs.DISCLAIMER in _texts(dataset)
+        # An image the input gate failed is reported as not evaluated, whatever its score.
+        assert (pacs.UNCERTAIN_COMMENT in _texts(dataset)) == (label == "UNCERTAIN")
     # Another vendor's report, or one by another device, is not ours: never taken as already scored.
     dataset.Manufacturer = "another vendor"
     assert pacs.read_report(dataset) is None

@@ -1,0 +1,232 @@
+"""Outputs a clinician can trust: the input gate flags what is not a chest X-ray, and calibrated
+probabilities keep every decision of the operating threshold.
+
+The gate is fitted here as training fits it (:func:`pneumo.ood.fit_gate`) on real X-rays decoded
+by the default aug_cnn input spec, and judged on files run through the one decode path, as the
+server and ``predict`` see them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import SHARED_DATA, require_real_data
+from pneumo import CLASS_NAMES, UNCERTAIN, pipeline
+from pneumo.calibration import Calibration, cross_fitted, expected_calibration_error, fit_calibration, logit
+from pneumo.config import DataConfig
+from pneumo.contract import Figures, ModelContract, contract_text, read_contract
+from pneumo.data import prepare_manifest, site_manifest
+from pneumo.ood import VALIDATION_PASS_RATE, fit_gate
+from pneumo.preprocessing import decode_image
+from pneumo.serving import answer_frame, served_threshold
+
+SPEC = DataConfig().input_spec  # what aug_cnn trains and serves with by default
+# Files per class: fitted on, limits set on, and never seen by either.
+FIT, CALIBRATE, UNSEEN = 200, 100, 60
+
+
+def _files(name: str) -> list[Path]:
+    return sorted(p for p in (require_real_data() / "train" / name).iterdir() if not p.name.startswith("."))
+
+
+def _decode(paths: list[Path]) -> np.ndarray:
+    return np.stack([decode_image(path.read_bytes(), SPEC) for path in paths])
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _gray(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def _text_page() -> np.ndarray:
+    page = Image.new("L", (850, 1100), 245)
+    draw = ImageDraw.Draw(page)
+    for row, top in enumerate(range(60, 1040, 18)):
+        draw.text((60, top), "Discharge summary: the patient was seen and examined today"[: 30 + row % 28], fill=25)
+    return np.asarray(page)
+
+
+def _checkerboard(square: int, side: int = 1024) -> np.ndarray:
+    rows, columns = np.mgrid[:side, :side]
+    return ((rows // square + columns // square) % 2 * 255).astype(np.uint8)
+
+
+def _not_chest_xrays(xrays: list[Path]) -> dict[str, list[bytes]]:
+    """Files of each kind the issue names, as a client would send them."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    photos = []
+    for pixels in load_sample_images().images:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        photos.append(buffer.getvalue())
+    sideways = []
+    for path in xrays:  # a film fed sideways, and an upright JPEG whose EXIF says it is turned
+        upright = Image.open(path).convert("L")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        tagged = io.BytesIO()
+        upright.save(tagged, "JPEG", quality=95, exif=exif)
+        sideways.append(tagged.getvalue())
+    return {
+        "blank black": [_png(np.zeros((1024, 1200), np.uint8))],
+        "blank white": [_png(np.full((1024, 1200), 255, np.uint8))],
+        "uniform noise": [_png(rng.integers(0, 256, (900, 1000), dtype=np.uint8)) for _ in range(3)],
+        "gaussian noise": [_png(np.clip(rng.normal(128, 40, (800, 800)), 0, 255).astype(np.uint8))],
+        "text page": [_png(_text_page())],
+        "checkerboard": [_png(_checkerboard(square)) for square in (8, 32, 128)],
+        "photographs (scikit-learn's sample images)": photos,
+        "inverted X-rays": [_png(255 - _gray(path)) for path in xrays],
+        "X-rays rotated by 90 degrees": [_png(np.rot90(_gray(path), 1).copy()) for path in xrays],
+        "X-rays rotated by 270 degrees": [_png(np.rot90(_gray(path), 3).copy()) for path in xrays],
+        "upright JPEGs tagged EXIF orientation 6": sideways,
+    }
+
+
+@pytest.fixture(scope="module")
+def small_gate():
+    """A gate fitted on 400 real training X-rays, its limits set on 200 others; 120 unseen ones."""
+    files = {name: _files(name) for name in CLASS_NAMES}
+    parts = {"fit": slice(0, FIT), "calibrate": slice(FIT, FIT + CALIBRATE), "unseen": slice(-UNSEEN, None)}
+    split = {part: [path for name in CLASS_NAMES for path in files[name][where]] for part, where in parts.items()}
+    gate = fit_gate(_decode(split["fit"]), _decode(split["calibrate"]))
+    return gate, split["unseen"]
+
+
+def test_the_gate_passes_about_99_percent_of_validation_xrays(small_gate):
+    gate, unseen = small_gate
+    assert VALIDATION_PASS_RATE <= gate.validation_pass_rate <= 1.0
+    assert gate.validation_pass_rate < 1.0 or gate.n_calibrated < 100  # calibrated, not a gate that passes all
+    # Unseen X-rays of the same hospital pass too: the gate is not fitted to its own images only.
+    assert gate.judge(_decode(unseen)).passed.mean() >= 0.95
+
+
+def test_every_kind_of_input_that_is_not_a_chest_xray_is_flagged(small_gate):
+    gate, unseen = small_gate
+    xrays = unseen[::12]  # both classes
+    for kind, files in _not_chest_xrays(xrays).items():
+        judged = gate.judge(np.stack([decode_image(data, SPEC) for data in files]))
+        assert not judged.passed.any(), f"{kind}: {np.round(judged.score, 2)} passed the gate"
+    # The same films upright pass: it is the rotation that is flagged, not the films.
+    assert gate.judge(_decode(xrays)).passed.all()
+
+
+def test_the_gate_judges_three_channel_models_inputs_too():
+    files = [path for name in CLASS_NAMES for path in _files(name)[:200]]
+    spec = DataConfig(image_size=64, channels=3, equalize="none").input_spec
+    images = np.stack([decode_image(path.read_bytes(), spec) for path in files])
+    gate = fit_gate(images[::2], images[1::2])
+    noise = decode_image(_png(np.random.default_rng(1).integers(0, 256, (500, 500), dtype=np.uint8)), spec)
+    assert not gate.judge(noise[None]).passed.any() and gate.validation_pass_rate >= VALIDATION_PASS_RATE
+
+
+@pytest.mark.slow
+def test_on_the_full_data_99_percent_of_validation_and_98_percent_of_the_test_half_pass():
+    """The rates README gives: fitted on the default manifest's training split, as aug_cnn does."""
+    config = DataConfig(data_dir=str(require_real_data()), cache_dir="")
+    manifest = prepare_manifest(config)
+    train, val = (pipeline.load_split(manifest.split(s), manifest.data_dir, SPEC) for s in ("train", "val"))
+    gate = fit_gate(train.images, val.images)
+    assert 0.985 <= gate.validation_pass_rate <= 0.995
+    test_half = SHARED_DATA / "test"
+    if not (test_half / "NORMAL").is_dir():
+        pytest.skip("no test half beside the training data")
+    site = site_manifest(str(test_half))
+    images = pipeline.load_split(site.frame, site.data_dir, SPEC)
+    assert gate.judge(images.images).passed.mean() >= 0.98
+
+
+def _overconfident_scores(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from true probabilities, and a score three times as sure and biased towards pneumonia."""
+    rng = np.random.default_rng(seed)
+    truth = rng.uniform(0.02, 0.98, n)
+    labels = (rng.uniform(size=n) < truth).astype(np.int64)
+    scores = 1.0 / (1.0 + np.exp(-(3.0 * logit(truth) + 1.0)))
+    return labels, scores
+
+
+def test_platt_scaling_recovers_a_known_miscalibration_and_lowers_the_error_out_of_fold():
+    labels, scores = _overconfident_scores()
+    fitted = fit_calibration(labels, scores, "synthetic scores")
+    assert fitted.slope == pytest.approx(1 / 3, rel=0.15) and fitted.intercept == pytest.approx(-1 / 3, abs=0.15)
+    assert fitted.ece_before > 0.1 and fitted.ece_after < 0.04
+    assert fitted.ece_after == pytest.approx(expected_calibration_error(labels, cross_fitted(labels, scores)))
+    # A perfectly calibrated score stays close to itself.
+    truth = np.random.default_rng(3).uniform(0.02, 0.98, 4000)
+    outcome = (np.random.default_rng(4).uniform(size=4000) < truth).astype(np.int64)
+    identity = fit_calibration(outcome, truth, "calibrated")
+    assert identity.slope == pytest.approx(1.0, abs=0.15) and abs(identity.intercept) < 0.15
+
+
+def _contract(**changes) -> ModelContract:
+    fields = dict(
+        entry_point="aug_cnn",
+        input_spec=SPEC,
+        threshold=0.37,
+        threshold_rule="validation sensitivity >= 0.98",
+        hyperparameters={},
+        validation=Figures("validation", {"roc_auc": 0.99}),
+    )
+    return ModelContract(**{**fields, **changes})
+
+
+def test_calibrated_answers_keep_every_decision_of_the_threshold(small_gate):
+    gate, unseen = small_gate
+    calibration = Calibration(0.45, -1.2, "validation", 500, 0.1, 0.02)
+    contract = _contract(calibration=calibration, input_gate=gate)
+    images = _decode(unseen)
+    # Scores on both sides of the threshold, the threshold itself and its float neighbours.
+    threshold = contract.threshold
+    scores = np.concatenate(
+        [np.linspace(0.0, 1.0, len(images) - 3), [threshold, np.nextafter(threshold, 0), np.nextafter(threshold, 1)]]
+    )
+    answers = answer_frame(contract, images, scores)
+    passed = answers["in_distribution"].astype(bool).to_numpy()
+    raw_labels = np.array([CLASS_NAMES[int(s >= threshold)] for s in scores])
+    assert (answers["label"].to_numpy()[passed] == raw_labels[passed]).all()
+    assert (answers["threshold"] == served_threshold(contract)).all()
+    assert served_threshold(contract) == pytest.approx(float(calibration.apply(threshold)))
+    assert ((answers["probability"] >= answers["threshold"]).to_numpy() == (scores >= threshold)).all()
+    assert np.all(np.diff(answers["probability"].to_numpy()[: len(images) - 3]) >= 0)  # ranking kept
+    assert not np.allclose(answers["probability"], scores)  # and the served numbers did change
+
+
+def test_an_input_the_gate_fails_is_uncertain_and_still_gets_a_probability(small_gate):
+    gate, unseen = small_gate
+    blank = decode_image(_png(np.zeros((600, 600), np.uint8)), SPEC)
+    images = np.stack([blank, _decode(unseen[:1])[0]])
+    answers = answer_frame(_contract(input_gate=gate), images, np.array([0.99, 0.99]))
+    assert answers["label"].tolist() == [UNCERTAIN, "PNEUMONIA"]
+    assert answers["in_distribution"].tolist() == [False, True]
+    assert answers["ood_score"].iloc[0] > 1.0 >= answers["ood_score"].iloc[1]
+    assert answers["probability"].tolist() == [0.99, 0.99]  # no calibration: the raw score
+    # A model logged before the gate says nothing about its input, rather than claim it passed.
+    old = answer_frame(_contract(), images, np.array([0.99, 0.1]))
+    assert old["label"].tolist() == ["PNEUMONIA", "NORMAL"] and old["in_distribution"].isna().all()
+    assert old["ood_score"].isna().all()
+
+
+def test_the_gate_and_calibration_travel_in_the_contract_file(small_gate):
+    gate, unseen = small_gate
+    contract = _contract(input_gate=gate, calibration=Calibration(0.5, -0.4, "validation", 500, 0.08, 0.02))
+    back = read_contract(contract_text(contract))
+    assert back.calibration == contract.calibration
+    images = _decode(unseen[:20])
+    assert np.allclose(back.input_gate.scores(images), gate.scores(images))
+    # A version-2 file (before the gate) still reads, without one.
+    payload = json.loads(contract_text(contract))
+    del payload["input_gate"], payload["calibration"]
+    old = read_contract(json.dumps({**payload, "version": 2}))
+    assert old.input_gate is None and old.calibration is None

@@ -62,28 +62,36 @@ def thumbnails(gray: np.ndarray) -> np.ndarray:
     return np.stack([cv2.resize(image, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA) for image in gray])
 
 
+def _halved(gray: np.ndarray) -> np.ndarray:
+    """The batch at half resolution (2 x 2 means; an odd last row or column is dropped)."""
+    n, height, width = gray.shape
+    even = gray[:, : height // 2 * 2, : width // 2 * 2]
+    return even.reshape(n, height // 2, 2, width // 2, 2).mean(axis=(2, 4))
+
+
 def texture_statistics(gray: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
     """``(n, 8)`` global statistics of a gray batch and its thumbnails (see the module docstring)."""
-    half = np.stack([cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA) for image in gray])
 
     def edges(batch: np.ndarray) -> np.ndarray:
         strength = np.abs(np.diff(batch, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(batch, axis=2)).mean(axis=(1, 2))
         return np.log(strength + 1e-3)
 
-    flat = gray.reshape(len(gray), -1)
-    counts = np.stack([np.bincount(np.minimum(row * 16, 15).astype(np.int64), minlength=16) for row in flat])
-    shares = counts / flat.shape[1]
+    n = len(gray)
+    flat = gray.reshape(n, -1)
+    # One bincount for the whole batch: image i's 16 bins are i*16 .. i*16+15.
+    bins = np.minimum(flat * 16, 15).astype(np.int64) + 16 * np.arange(n)[:, None]
+    shares = np.bincount(bins.ravel(), minlength=16 * n).reshape(n, 16) / flat.shape[1]
     entropy = -(shares * np.log(np.where(shares > 0, shares, 1.0))).sum(axis=1)
     return np.stack(
         [
             flat.mean(axis=1),
             flat.std(axis=1),
             edges(gray),
-            edges(half),
+            edges(_halved(gray)),
             entropy,
             (flat < _DARK).mean(axis=1),
             (flat > _BRIGHT).mean(axis=1),
-            thumbs.reshape(len(thumbs), -1).std(axis=1),
+            thumbs.reshape(n, -1).std(axis=1),
         ],
         axis=1,
     ).astype(np.float64)

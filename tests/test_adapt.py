@@ -130,6 +130,8 @@ def test_adapt_improves_out_of_fold_ranking_keeps_the_champion_and_serves_the_si
         answer = server.invoke(body)
     assert answer.status_code == 200, answer.text
     served = pd.DataFrame(answer.json()["predictions"])
-    assert list(served.columns)[:3] == ["label", "probability", "threshold"]
-    assert served["threshold"].iloc[0] == pytest.approx(site.contract.threshold)
-    assert served["label"].iloc[0] == CLASS_NAMES[int(served["probability"].iloc[0] >= site.contract.threshold)]
+    assert list(served.columns)[:5] == ["label", "probability", "threshold", "in_distribution", "ood_score"]
+    # Recalibrated on the site's out-of-fold scores; the threshold is served on that scale.
+    assert site.contract.calibration.fitted_on == "the site sample's out-of-fold scores"
+    assert served["threshold"].iloc[0] == pytest.approx(float(site.contract.calibration.apply(site.contract.threshold)))
+    assert served["label"].iloc[0] == CLASS_NAMES[int(served["probability"].iloc[0] >= served["threshold"].iloc[0])]

@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import REPO
 from helpers import artifacts, download, read_json, run_project, tree_state, use_tracking_store
-from pneumo import CLASS_NAMES
+from pneumo import CLASS_NAMES, UNCERTAIN
 from pneumo.cli import ENTRY_POINTS
 from pneumo.cnn import cnn
 from pneumo.config import parse_configs
@@ -283,11 +283,14 @@ def _assert_served_model(run_id: str, data_dir: Path, predictions: pd.DataFrame,
     images = [base64.b64encode((data_dir / p).read_bytes()).decode("ascii") for p in rows["path"]]
     served = model.predict(pd.DataFrame({"image": images}))
     assert served["probability"].between(0, 1).all()
-    assert set(served["label"]) <= set(CLASS_NAMES)
-    assert (served["threshold"] == contract.threshold).all()
-    assert (served["label"] == [CLASS_NAMES[int(p >= contract.threshold)] for p in served["probability"]]).all()
-    # The served decode path reproduces the probabilities computed at training time.
-    np.testing.assert_allclose(served["probability"], rows["probability"], atol=2e-3)
+    assert set(served["label"]) <= {*CLASS_NAMES, UNCERTAIN}
+    judged = (served["label"] != UNCERTAIN).to_numpy()
+    assert (judged == served["in_distribution"].astype(bool).to_numpy()).all()
+    assert (served["threshold"] == pytest.approx(float(contract.calibration.apply(contract.threshold)))).all()
+    decided = [CLASS_NAMES[int(p >= t)] for p, t in zip(served["probability"], served["threshold"])]
+    assert (served["label"][judged] == np.array(decided)[judged]).all()
+    # The served decode path reproduces the (raw) probabilities computed at training time, calibrated.
+    np.testing.assert_allclose(served["probability"], contract.calibration.apply(rows["probability"]), atol=2e-3)
 
 
 def test_baseline_reuses_the_prepare_run_manifest(store, training_runs, prepare_run, small_data, tmp_path):

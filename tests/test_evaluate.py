@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from helpers import read_json
 from pneumo import CLASS_NAMES, gradcam, models
+from pneumo.calibration import expected_calibration_error
 from pneumo.cli import main as cli_main
 from pneumo.config import CNNConfig, DataConfig, EvalConfig
 from pneumo.evaluate import default_model_uri, evaluate
@@ -63,7 +64,20 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     assert metrics["n_images_seen_in_training"] == 0
 
     predictions = pd.read_csv(artifact(run_id, "predictions.csv", tmp_path))
-    assert list(predictions.columns) == ["file", "patient_id", "true_label", "probability", "predicted_label"]
+    assert list(predictions.columns) == [
+        *("file", "patient_id", "true_label", "probability", "predicted_label"),
+        *("served_label", "served_probability", "in_distribution", "ood_score"),
+    ]
+    # What the server would answer: the same decisions, on the calibrated scale, UNCERTAIN where the gate fails.
+    judged = predictions["in_distribution"].astype(bool)
+    assert (predictions["served_label"][judged] == predictions["predicted_label"][judged]).all()
+    assert (predictions["served_label"][~judged] == "UNCERTAIN").all()
+    assert metrics["val_ood_pass_rate"] == pytest.approx(judged.mean())
+    served_truth = (predictions["true_label"] == "PNEUMONIA").to_numpy()
+    assert metrics["val_ece_calibrated"] == pytest.approx(
+        expected_calibration_error(served_truth, predictions["served_probability"].to_numpy())
+    )
+    assert metrics["val_ece"] == pytest.approx(expected_calibration_error(served_truth, predictions["probability"]))
     manifest = pd.read_csv(artifact(run_id, "manifest.csv", tmp_path))
     assert sorted(predictions["file"]) == sorted(manifest.loc[manifest["split"] == "val", "path"])
     assert (

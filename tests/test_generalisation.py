@@ -174,10 +174,18 @@ def test_site_version_carries_its_threshold_and_leaves_the_original_untouched(mo
     served = mlflow.pyfunc.load_model(f"models:/{name}@site")
     champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     cell = pd.DataFrame({"image": [encode_file(models_store.unseen["NORMAL"][0])]})
-    assert served.predict(cell)["threshold"].iloc[0] == pytest.approx(metrics["site_threshold"])
-    assert champion.predict(cell)["threshold"].iloc[0] == pytest.approx(
-        mlflow.get_run(models_store.aug_cnn).data.metrics["threshold"]
+    # Each serves its own threshold on its own calibrated scale: the site one recalibrated on the sample.
+    site_contract = served.unwrap_python_model().contract
+    assert site_contract.calibration.fitted_on == "the site sample (the parent's weights)"
+    assert served.predict(cell)["threshold"].iloc[0] == pytest.approx(
+        float(site_contract.calibration.apply(metrics["site_threshold"]))
     )
+    champion_contract = champion.unwrap_python_model().contract
+    assert champion_contract.calibration != site_contract.calibration
+    assert champion.predict(cell)["threshold"].iloc[0] == pytest.approx(
+        float(champion_contract.calibration.apply(mlflow.get_run(models_store.aug_cnn).data.metrics["threshold"]))
+    )
+    assert {"site_ece", "site_ece_calibrated"} <= set(metrics)
     details = read_json(
         mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="site_calibration.json", dst_path=str(tmp_path)

@@ -99,12 +99,24 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
         + sorted((small_data / "train" / "NORMAL").iterdir())[:2]
     )
     out = model.predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))
-    assert list(out.columns) == ["label", "probability", "threshold", "model_id", "model_run_id", "code_version"]
+    assert list(out.columns) == [
+        "label",
+        "probability",
+        "threshold",
+        "in_distribution",
+        "ood_score",
+        "model_id",
+        "model_run_id",
+        "code_version",
+    ]
     # Every row says which model answered: this run's logged model, and the commit that trained it.
     assert (out["model_run_id"] == run_id).all() and out["model_id"].str.startswith("m-").all()
     assert (out["code_version"] == run.data.tags.get("mlflow.source.git.commit", "")).all()
     assert out["probability"].between(0, 1).all()
-    assert (out["threshold"] == threshold["threshold"]).all()
+    # The served threshold is the stored one on the calibrated scale (the label's decision is the same).
+    served = model.unwrap_python_model().contract
+    assert (out["threshold"] == pytest.approx(float(served.calibration.apply(threshold["threshold"])))).all()
+    assert out["in_distribution"].all() and (out["ood_score"] <= 1).all()  # training X-rays pass the gate
     # Any training run's id works as the manifest of a later run (same images, same data folder).
     manifest = resolve_manifest(DataConfig(manifest=run_id))
     assert manifest.data_dir == small_data.resolve() and len(manifest.frame) == int(

@@ -143,7 +143,16 @@ def good_cell(unseen) -> str:
 def predictions(response: requests.Response) -> pd.DataFrame:
     assert response.status_code == 200, response.text[:2000]
     frame = pd.DataFrame(response.json()["predictions"])
-    assert list(frame.columns) == ["label", "probability", "threshold", "model_id", "model_run_id", "code_version"]
+    assert list(frame.columns) == [
+        "label",
+        "probability",
+        "threshold",
+        "in_distribution",
+        "ood_score",
+        "model_id",
+        "model_run_id",
+        "code_version",
+    ]
     return frame
 
 
@@ -161,15 +170,21 @@ def test_http_split_and_records_match_pyfunc_and_predict_command(server, unseen,
         pd.read_csv(csv, keep_default_na=False).set_index("file").loc[[str(folder / p.name) for p in unseen["path"]]]
     )
 
-    assert list(from_command.columns) == ["label", "probability", "threshold", "error", *predict.UID_COLUMNS]
+    assert list(from_command.columns) == [
+        *("label", "probability", "threshold", "in_distribution", "ood_score", "error"),
+        *predict.UID_COLUMNS,
+    ]
     assert (from_command["error"] == "").all()
     for other in (over_records, in_process, from_command.reset_index()):
         np.testing.assert_allclose(over_split["probability"], other["probability"], rtol=0, atol=1e-6)
         assert list(over_split["label"]) == list(other["label"])
         assert np.allclose(over_split["threshold"], other["threshold"])
-    assert (
-        over_split["label"] == np.where(over_split["probability"] >= over_split["threshold"], "PNEUMONIA", "NORMAL")
-    ).all()
+        np.testing.assert_allclose(over_split["ood_score"], other["ood_score"], rtol=0, atol=1e-9)
+    # Calibrated probability and threshold make the label's decision; the gate's failures are UNCERTAIN.
+    judged = over_split["label"] != "UNCERTAIN"
+    assert (judged == over_split["in_distribution"].astype(bool)).all() and judged.mean() >= 0.9
+    decided = np.where(over_split["probability"] >= over_split["threshold"], "PNEUMONIA", "NORMAL")
+    assert (over_split["label"][judged] == decided[judged]).all()
 
 
 def test_images_from_pneumonia_come_back_pneumonia(server, unseen):
@@ -182,6 +197,20 @@ def test_images_from_pneumonia_come_back_pneumonia(server, unseen):
     said_pneumonia = served["label"] == "PNEUMONIA"
     assert said_pneumonia[truth].mean() > said_pneumonia[~truth].mean()
     assert said_pneumonia[truth].mean() >= 0.5 and (~said_pneumonia[~truth]).any()
+
+
+def test_inputs_that_are_not_chest_xrays_are_answered_uncertain_with_a_probability(server, unseen):
+    """The served gate: each kind of non-X-ray is UNCERTAIN (never NORMAL or PNEUMONIA); the films themselves pass."""
+    films = list(unseen["path"].iloc[::8])  # one of each class
+    kinds = xf.not_chest_xrays(films)
+    cells = [b64(data) for files in kinds.values() for data in files]
+    served = predictions(server.invoke(split_body(cells)))
+    kind_of = [kind for kind, files in kinds.items() for _ in files]
+    for kind, (_, row) in zip(kind_of, served.iterrows()):
+        assert row["label"] == "UNCERTAIN" and row["in_distribution"] is False, (kind, row.to_dict())
+        assert row["ood_score"] > 1.0 and 0.0 <= row["probability"] <= 1.0, kind
+    upright = predictions(server.invoke(split_body([b64(path.read_bytes()) for path in films])))
+    assert upright["in_distribution"].all() and set(upright["label"]) <= set(CLASS_NAMES)
 
 
 def test_other_formats_are_predicted_like_the_reference(server, unseen):

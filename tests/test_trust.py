@@ -8,14 +8,13 @@ server and ``predict`` see them.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
+import xray_files as xf
 from conftest import SHARED_DATA, require_real_data
 from pneumo import CLASS_NAMES, UNCERTAIN, pipeline
 from pneumo.calibration import Calibration, cross_fitted, expected_calibration_error, fit_calibration, logit
@@ -39,62 +38,6 @@ def _decode(paths: list[Path]) -> np.ndarray:
     return np.stack([decode_image(path.read_bytes(), SPEC) for path in paths])
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _gray(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"))
-
-
-def _text_page() -> np.ndarray:
-    page = Image.new("L", (850, 1100), 245)
-    draw = ImageDraw.Draw(page)
-    for row, top in enumerate(range(60, 1040, 18)):
-        draw.text((60, top), "Discharge summary: the patient was seen and examined today"[: 30 + row % 28], fill=25)
-    return np.asarray(page)
-
-
-def _checkerboard(square: int, side: int = 1024) -> np.ndarray:
-    rows, columns = np.mgrid[:side, :side]
-    return ((rows // square + columns // square) % 2 * 255).astype(np.uint8)
-
-
-def _not_chest_xrays(xrays: list[Path]) -> dict[str, list[bytes]]:
-    """Files of each kind the issue names, as a client would send them."""
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(0)
-    photos = []
-    for pixels in load_sample_images().images:
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-        photos.append(buffer.getvalue())
-    sideways = []
-    for path in xrays:  # a film fed sideways, and an upright JPEG whose EXIF says it is turned
-        upright = Image.open(path).convert("L")
-        exif = Image.Exif()
-        exif[0x0112] = 6
-        tagged = io.BytesIO()
-        upright.save(tagged, "JPEG", quality=95, exif=exif)
-        sideways.append(tagged.getvalue())
-    return {
-        "blank black": [_png(np.zeros((1024, 1200), np.uint8))],
-        "blank white": [_png(np.full((1024, 1200), 255, np.uint8))],
-        "uniform noise": [_png(rng.integers(0, 256, (900, 1000), dtype=np.uint8)) for _ in range(3)],
-        "gaussian noise": [_png(np.clip(rng.normal(128, 40, (800, 800)), 0, 255).astype(np.uint8))],
-        "text page": [_png(_text_page())],
-        "checkerboard": [_png(_checkerboard(square)) for square in (8, 32, 128)],
-        "photographs (scikit-learn's sample images)": photos,
-        "inverted X-rays": [_png(255 - _gray(path)) for path in xrays],
-        "X-rays rotated by 90 degrees": [_png(np.rot90(_gray(path), 1).copy()) for path in xrays],
-        "X-rays rotated by 270 degrees": [_png(np.rot90(_gray(path), 3).copy()) for path in xrays],
-        "upright JPEGs tagged EXIF orientation 6": sideways,
-    }
-
-
 @pytest.fixture(scope="module")
 def small_gate():
     """A gate fitted on 400 real training X-rays, its limits set on 200 others; 120 unseen ones."""
@@ -116,7 +59,7 @@ def test_the_gate_passes_about_99_percent_of_validation_xrays(small_gate):
 def test_every_kind_of_input_that_is_not_a_chest_xray_is_flagged(small_gate):
     gate, unseen = small_gate
     xrays = unseen[::12]  # both classes
-    for kind, files in _not_chest_xrays(xrays).items():
+    for kind, files in xf.not_chest_xrays(xrays).items():
         judged = gate.judge(np.stack([decode_image(data, SPEC) for data in files]))
         assert not judged.passed.any(), f"{kind}: {np.round(judged.score, 2)} passed the gate"
     # The same films upright pass: it is the rotation that is flagged, not the films.
@@ -128,7 +71,7 @@ def test_the_gate_judges_three_channel_models_inputs_too():
     spec = DataConfig(image_size=64, channels=3, equalize="none").input_spec
     images = np.stack([decode_image(path.read_bytes(), spec) for path in files])
     gate = fit_gate(images[::2], images[1::2])
-    noise = decode_image(_png(np.random.default_rng(1).integers(0, 256, (500, 500), dtype=np.uint8)), spec)
+    noise = decode_image(xf.png(np.random.default_rng(1).integers(0, 256, (500, 500), dtype=np.uint8)), spec)
     assert not gate.judge(noise[None]).passed.any() and gate.validation_pass_rate >= VALIDATION_PASS_RATE
 
 
@@ -205,7 +148,7 @@ def test_calibrated_answers_keep_every_decision_of_the_threshold(small_gate):
 
 def test_an_input_the_gate_fails_is_uncertain_and_still_gets_a_probability(small_gate):
     gate, unseen = small_gate
-    blank = decode_image(_png(np.zeros((600, 600), np.uint8)), SPEC)
+    blank = decode_image(xf.png(np.zeros((600, 600), np.uint8)), SPEC)
     images = np.stack([blank, _decode(unseen[:1])[0]])
     answers = answer_frame(_contract(input_gate=gate), images, np.array([0.99, 0.99]))
     assert answers["label"].tolist() == [UNCERTAIN, "PNEUMONIA"]

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -273,3 +273,59 @@ def png_header_only(width: int, height: int) -> bytes:
 def tiny_png(side: int = 1) -> bytes:
     """A valid ``side`` x ``side`` PNG."""
     return encode(Image.new("L", (side, side), 128), "PNG")
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """A grayscale or RGB array as PNG bytes."""
+    return encode(Image.fromarray(pixels), "PNG")
+
+
+def _text_page() -> np.ndarray:
+    page = Image.new("L", (850, 1100), 245)
+    draw = ImageDraw.Draw(page)
+    for row, top in enumerate(range(60, 1040, 18)):
+        draw.text((60, top), "Discharge summary: the patient was seen and examined today"[: 30 + row % 28], fill=25)
+    return np.asarray(page)
+
+
+def _checkerboard(square: int, side: int = 1024) -> np.ndarray:
+    rows, columns = np.mgrid[:side, :side]
+    return ((rows // square + columns // square) % 2 * 255).astype(np.uint8)
+
+
+def not_chest_xrays(xrays: list[Path]) -> dict[str, list[bytes]]:
+    """Files of each kind that is not a frontal chest X-ray the model was made for, as a client sends them.
+
+    Blank frames, noise, a text page, checkerboards, scikit-learn's sample photographs, and films
+    made from ``xrays``: inverted, rotated by 90 and 270 degrees, and upright JPEGs whose EXIF
+    orientation tag (6) turns them on their side when decoded.
+    """
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    photos = []
+    for pixels in load_sample_images().images:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        photos.append(buffer.getvalue())
+    sideways = []
+    for path in xrays:  # a film fed sideways, and an upright JPEG whose EXIF says it is turned
+        upright = Image.open(path).convert("L")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        tagged = io.BytesIO()
+        upright.save(tagged, "JPEG", quality=95, exif=exif)
+        sideways.append(tagged.getvalue())
+    return {
+        "blank black": [png(np.zeros((1024, 1200), np.uint8))],
+        "blank white": [png(np.full((1024, 1200), 255, np.uint8))],
+        "uniform noise": [png(rng.integers(0, 256, (900, 1000), dtype=np.uint8)) for _ in range(3)],
+        "gaussian noise": [png(np.clip(rng.normal(128, 40, (800, 800)), 0, 255).astype(np.uint8))],
+        "text page": [png(_text_page())],
+        "checkerboard": [png(_checkerboard(square)) for square in (8, 32, 128)],
+        "photographs (scikit-learn's sample images)": photos,
+        "inverted X-rays": [png(255 - gray_pixels(path)) for path in xrays],
+        "X-rays rotated by 90 degrees": [png(np.rot90(gray_pixels(path), 1).copy()) for path in xrays],
+        "X-rays rotated by 270 degrees": [png(np.rot90(gray_pixels(path), 3).copy()) for path in xrays],
+        "upright JPEGs tagged EXIF orientation 6": sideways,
+    }

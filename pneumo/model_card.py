@@ -33,8 +33,9 @@ KNOWN_LIMITS = (
     "photographs, text pages, checkerboards, inverted films and films rotated by 90 or 270 degrees. Upside-down "
     "(180 degrees) and mirrored films are not reliably caught.",
     "Only pneumonia against normal: other findings (effusion, masses, lines, tubes) are not recognised.",
-    "Probabilities are calibrated on the training hospital's validation split (or, for a site version, on the "
-    "site's sample); at another site they are only as good as that site's own calibration.",
+    "Probabilities are calibrated where the calibration was fitted (below). At another hospital they are not: "
+    "a validation calibration can make them more confident there, not less. Recalibrate on the site's own "
+    "labelled images (`evaluate -P calibrate=true`, or `adapt`).",
 )
 
 

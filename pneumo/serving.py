@@ -133,7 +133,7 @@ def answer_frame(contract: ModelContract, images: np.ndarray, probabilities: np.
 
 
 class PneumoniaClassifier(mlflow.pyfunc.PythonModel):
-    """Pyfunc: DataFrame column ``image`` (base64 JPEG/PNG/DICOM) -> label, probability, threshold."""
+    """Pyfunc: column ``image`` (base64 JPEG/PNG/DICOM) -> :func:`answer_frame`'s columns and the model's identity."""
 
     def load_context(self, context):
         """Load the Keras model (safe mode) and its configuration from the logged artifacts."""

@@ -21,6 +21,7 @@ from pneumo.calibration import Calibration, cross_fitted, expected_calibration_e
 from pneumo.config import DataConfig
 from pneumo.contract import Figures, ModelContract, contract_text, read_contract
 from pneumo.data import prepare_manifest, site_manifest
+from pneumo.model_card import model_card
 from pneumo.ood import VALIDATION_PASS_RATE, fit_gate
 from pneumo.preprocessing import decode_image
 from pneumo.serving import answer_frame, served_threshold
@@ -173,3 +174,15 @@ def test_the_gate_and_calibration_travel_in_the_contract_file(small_gate):
     del payload["input_gate"], payload["calibration"]
     old = read_contract(json.dumps({**payload, "version": 2}))
     assert old.input_gate is None and old.calibration is None
+
+
+def test_the_model_card_says_what_the_calibration_and_the_gate_are(small_gate):
+    gate, _ = small_gate
+    fitted = Calibration(0.5, -0.4, "validation split of the training hospital (patient-grouped)", 522, 0.063, 0.016)
+    card = model_card(_contract(input_gate=gate, calibration=fitted), "m", "3", "champion", "abc")
+    assert "Platt scaling fitted on validation split of the training hospital (patient-grouped) (522 images)" in card
+    assert "0.063 raw, 0.016 calibrated (out of fold)" in card
+    assert f"{100 * gate.validation_pass_rate:.1f}% of {gate.n_calibrated} validation X-rays pass" in card
+    assert "UNCERTAIN" in card and "rotated by 90 or 270 degrees" in card
+    bare = model_card(_contract(), "m", "1", "champion", "abc")
+    assert "Calibration: none" in bare and "Input gate: none" in bare

@@ -24,6 +24,7 @@ from pneumo.manifests import resolve_manifest
 from pneumo.model_io import encode_file, predict_probabilities
 from pneumo.models import build_aug_cnn, build_resnet_base, build_resnet_head, stack_resnet, unfreeze_top_block
 from pneumo.pipeline import train_dataset
+from pneumo.tracking import read_summary
 
 EPOCHS = 2
 
@@ -73,7 +74,7 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     ):
         assert name in run.data.params, name
     assert float(run.data.params["rotation"]) == 12 and run.data.params["flip"].lower() == "false"
-    for metric in ("loss", "val_loss", "auc", "val_auc", "accuracy", "val_accuracy", "precision", "val_recall"):
+    for metric in ("loss/train", "loss/val", "auc/train", "auc/val", "accuracy/val", "precision/train", "recall/val"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == list(range(EPOCHS)), metric
     logged = artifacts(client, run_id)
@@ -107,8 +108,9 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     assert (out["threshold"] == threshold["threshold"]).all()
     # Any training run's id works as the manifest of a later run (same images, same data folder).
     manifest = resolve_manifest(DataConfig(manifest=run_id))
+    summary = read_summary(run_id)
     assert manifest.data_dir == small_data.resolve() and len(manifest.frame) == int(
-        run.data.metrics["n_train_images"] + run.data.metrics["n_val_images"]
+        summary["n_train_images"] + summary["n_val_images"]
     )
     contract = read_contract(read_text(client.download_artifacts(run_id, "model/artifacts/model_config.json")))
     assert (contract.input_spec.image_size, contract.input_spec.channels) == (64, 1)
@@ -137,10 +139,11 @@ def test_resnet_trains_head_on_cached_features(repo, tracking, small_data):
     run = client.get_run(run_id)
     assert run.data.params["weights"] == "none"
     assert run.data.tags["pneumo.entry_point"] == "resnet"
-    assert run.data.metrics["feature_extraction_seconds"] > 0
+    summary = read_summary(run_id)
+    assert summary["feature_extraction_seconds"] > 0
     # Head epochs, then the fine-tuning epoch continuing the same curves.
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == list(range(EPOCHS + 1))
-    assert run.data.metrics["head_epochs_run"] == EPOCHS and run.data.metrics["fine_tune_epochs_run"] == 1
+    assert [m.step for m in client.get_metric_history(run_id, "loss/val")] == list(range(EPOCHS + 1))
+    assert summary["head_epochs_run"] == EPOCHS and summary["fine_tune_epochs_run"] == 1
     logged = artifacts(client, run_id)
     assert {"plots/training_curves.png", "plots/confusion_matrix_val_threshold.png", "threshold.json"} <= logged
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import LoggedModelInput
+from mlflow.tracking import MlflowClient
 
 from pneumo import CLASS_NAMES, gradcam, manifests, metrics, model_io, pipeline, plots, registry, tracking
 from pneumo.config import DataConfig, EvalConfig, RunConfigs
@@ -72,8 +74,9 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
             mlflow.set_tag("pneumo.gradcam", "no gallery: patient images are kept out of artifacts (patient_images)")
         if site_threshold is not None:
             _register_site_version(trained, predicted, site_threshold, config, manifest)
+        decision = None
         if config.register:
-            registry.register_evaluated(
+            decision = registry.register_evaluated(
                 trained,
                 config.registered_name,
                 _validation_scorer(trained, predicted, config, manifest, data),
@@ -87,6 +90,8 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
             f"sensitivity {scores[f'{config.split}_sensitivity_at_threshold']:.3f}, "
             f"specificity {scores[f'{config.split}_specificity_at_threshold']:.3f}."
         )
+        if decision is not None:
+            summary += f" Registered as {decision.model_uri} ({decision.alias or 'no alias'}: {decision.reason})."
         log.info("%s", summary)
         # The run's description in the UI, which was empty for evaluate runs.
         mlflow.set_tag("mlflow.note.content", summary)
@@ -148,7 +153,13 @@ def _model_name(trained: TrainedModel) -> str:
 
 
 def _log_evaluated_model(trained: TrainedModel, config: EvalConfig) -> None:
-    """Tag the run with the model evaluated; log the input size and channels actually used."""
+    """Tag the run with the model evaluated, log it as the run's model input, and the input size and channels used.
+
+    The model input makes the run page list the evaluated model under "Logged models", and the
+    versions registered from it (by this run or another) under "Registered models": MLflow's UI
+    finds both through the run's model inputs and outputs, while a version's ``run_id`` stays the
+    run that trained it.
+    """
     # Params keep the values as given (``mlflow run`` has logged them already); what was
     # actually used is logged next to them.
     spec = trained.contract.input_spec
@@ -161,6 +172,9 @@ def _log_evaluated_model(trained: TrainedModel, config: EvalConfig) -> None:
             "pneumo.threshold_source": "model" if config.threshold < 0 else "parameter",
         }
     )
+    if trained.model_id:
+        # The client's call: the fluent mlflow.log_inputs takes models on Databricks only.
+        MlflowClient().log_inputs(mlflow.active_run().info.run_id, models=[LoggedModelInput(trained.model_id)])
 
 
 def _predict_evaluated_split(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import mlflow
 import numpy as np
@@ -124,6 +126,17 @@ def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path)
     )
     assert first.data.tags["pneumo.alias"] == "champion"
     assert client.get_registered_model(REGISTERED).aliases == {"champion": 1}
+    # The evaluate run points at the version it registered: tags, description, and its model input,
+    # whose logged model lists the version (what the run page's "Registered models" shows). The
+    # version itself still belongs to the run that trained it.
+    assert first.data.tags["pneumo.registered_model_uri"] == f"models:/{REGISTERED}/1"
+    assert f"Registered as models:/{REGISTERED}/1 (champion: " in first.data.tags["mlflow.note.content"]
+    [model_input] = first.inputs.model_inputs
+    logged = mlflow.get_logged_model(model_input.model_id)
+    assert logged.source_run_id == worst
+    versions = [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])]
+    assert (REGISTERED, "1") in versions
+    assert client.get_model_version(REGISTERED, "1").run_id == worst
 
     better = evaluate_model(models_store, model_uri=models_store.model_uri(best), register=True, **NO_FLOORS)
     decision = read_json(artifact(better, "registration.json", tmp_path))

@@ -203,18 +203,26 @@ def _predict_evaluated_split(
 
 
 def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float, split: str) -> dict[str, float]:
-    """Log the clinical metrics at the threshold and at 0.5, counts, and overlap with training."""
+    """Log the clinical metrics at the threshold and at 0.5, counts, and overlap with training.
+
+    The headline figures (:data:`pneumo.metrics.HEADLINE_METRICS`), ``threshold`` and
+    ``n_images_seen_in_training`` are metrics; the rest go to the run's summary table.
+
+    Returns:
+        Every figure logged, by name.
+    """
     scores = metrics.metrics_at_thresholds(predicted.labels, predicted.probabilities, threshold, split)
-    scores.update(
-        {"threshold": threshold, f"n_{split}_images": len(predicted.labels), "n_skipped_images": predicted.n_skipped}
-    )
+    headline, details = metrics.split_headline(scores, split)
+    headline["threshold"] = threshold
+    details.update({f"n_{split}_images": len(predicted.labels), "n_skipped_images": predicted.n_skipped})
     try:
         overlap = manifests.training_overlap(trained.run_id, predicted.images.frame["sha256"])
     except DataError as error:  # recorded, never silent: the figures cannot be vouched for
         log.warning("the evaluated images cannot be checked against the model's training split: %s", error)
         mlflow.set_tag(OVERLAP_TAG, f"not checked: {error}")
     else:
-        scores["n_images_seen_in_training"] = overlap
+        # A metric, not a summary row: above 0 the figures are optimistic, and runs are sorted on it.
+        headline["n_images_seen_in_training"] = overlap
         mlflow.set_tag(OVERLAP_TAG, "checked")
         if overlap:
             log.warning(
@@ -222,23 +230,30 @@ def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float
                 overlap,
                 len(predicted.labels),
             )
-    tracking.log_metrics(scores)
-    return scores
+    tracking.log_metrics(headline)
+    tracking.log_summary(details)
+    return {**headline, **details}
 
 
 def _log_intervals(predicted: Predictions, threshold: float, prefix: str, resamples: int) -> dict:
     """Log patient-grouped bootstrap 95% intervals of ROC AUC, sensitivity and specificity.
 
-    Metrics ``<prefix>_roc_auc_ci_low``/``_ci_high`` and ``<prefix>_{sensitivity,specificity}_at_threshold_ci_*``,
-    and ``<prefix>_confidence_intervals.json``. With ``resamples`` 0 nothing is logged.
+    Summary-table rows ``<prefix>_roc_auc_ci_low``/``_ci_high`` and
+    ``<prefix>_{sensitivity,specificity}_at_threshold_ci_*``, and ``<prefix>_confidence_intervals.json``.
+    With ``resamples`` 0 nothing is logged.
     """
     if resamples <= 0:
         return {}
     groups = patient_key(predicted.images.frame).to_numpy(str)
     intervals = metrics.bootstrap_intervals(predicted.labels, predicted.probabilities, threshold, groups, resamples)
     names = {"roc_auc": "roc_auc", "sensitivity": "sensitivity_at_threshold", "specificity": "specificity_at_threshold"}
-    for metric, (_, low, high) in intervals.items():
-        tracking.log_metrics({f"{prefix}_{names[metric]}_ci_low": low, f"{prefix}_{names[metric]}_ci_high": high})
+    tracking.log_summary(
+        {
+            f"{prefix}_{names[metric]}_ci_{side}": bound
+            for metric, (_, low, high) in intervals.items()
+            for side, bound in (("low", low), ("high", high))
+        }
+    )
     payload = {
         "threshold": threshold,
         "confidence": 0.95,
@@ -256,12 +271,13 @@ def _log_without_shared_ids(manifest: Manifest, predicted: Predictions, threshol
 
     The dataset numbers patients per folder, so ``person102`` in test and in train may or may not be
     one child. Reporting both figures shows whether such possible repeats flatter the result:
-    ``<split>_excl_shared_ids_*`` and ``n_<split>_shared_id_images``.
+    metrics ``<split>_excl_shared_ids_*``, and the counts ``n_<split>_shared_id_images`` and
+    ``n_<split>_excl_shared_ids_images`` in the summary table.
     """
     if split not in ("test",):
         return
     shared = ids_shared_with_training(manifest.frame, predicted.images.frame)
-    tracking.log_metrics({f"n_{split}_shared_id_images": int(shared.sum())})
+    tracking.log_summary({f"n_{split}_shared_id_images": int(shared.sum())})
     keep = ~shared
     if shared.any() and len(np.unique(predicted.labels[keep])) == 2:
         subset = metrics.binary_metrics(predicted.labels[keep], predicted.probabilities[keep], threshold)
@@ -270,9 +286,9 @@ def _log_without_shared_ids(manifest: Manifest, predicted: Predictions, threshol
                 f"{split}_excl_shared_ids_roc_auc": subset["roc_auc"],
                 f"{split}_excl_shared_ids_sensitivity_at_threshold": subset["sensitivity"],
                 f"{split}_excl_shared_ids_specificity_at_threshold": subset["specificity"],
-                f"n_{split}_excl_shared_ids_images": int(keep.sum()),
             }
         )
+        tracking.log_summary({f"n_{split}_excl_shared_ids_images": int(keep.sum())})
 
 
 def _card_figures(predicted: Predictions, threshold: float, intervals: dict, split: str) -> Figures | None:

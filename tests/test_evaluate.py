@@ -18,6 +18,8 @@ from pneumo import CLASS_NAMES, gradcam, models
 from pneumo.cli import main as cli_main
 from pneumo.config import CNNConfig, DataConfig, EvalConfig
 from pneumo.evaluate import default_model_uri, evaluate
+from pneumo.metrics import HEADLINE_METRICS
+from pneumo.tracking import read_summary
 
 pytest_plugins = ["model_fixtures"]
 
@@ -57,9 +59,14 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     assert run.data.tags["pneumo.gradcam"] == "on"
     assert run.data.params["model_image_size"] == "64" and run.data.params["model_channels"] == "1"
 
-    metrics = run.data.metrics
+    # The headline figures are metrics; the others rows of the run's summary table, never both.
+    metrics, summary = run.data.metrics, read_summary(run_id)
     for name in THRESHOLD_METRICS:
-        assert f"val_{name}_at_threshold" in metrics and f"val_{name}_at_0.5" in metrics, name
+        at_threshold = f"val_{name}_at_threshold"
+        assert (at_threshold in metrics) == (f"{name}_at_threshold" in HEADLINE_METRICS) != (at_threshold in summary)
+        assert f"val_{name}_at_0.5" in summary and f"val_{name}_at_0.5" not in metrics, name
+    assert summary["n_skipped_images"] == 0
+    assert summary["n_val_images"] == len(pd.read_csv(artifact(run_id, "predictions.csv", tmp_path)))
     threshold = metrics["threshold"]
     assert threshold == pytest.approx(model_run.data.metrics["threshold"])  # the stored one
     assert metrics["n_images_seen_in_training"] == 0
@@ -79,10 +86,10 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     assert metrics["val_roc_auc"] == pytest.approx(model_run.data.metrics["val_roc_auc"], abs=1e-6)
     predicted = (predictions["predicted_label"] == "PNEUMONIA").to_numpy()
     counts = read_json(artifact(run_id, "confusion_matrix.json", tmp_path))
-    assert counts["at_threshold"]["tp"] == metrics["val_tp_at_threshold"] == int((truth & predicted).sum())
-    assert counts["at_threshold"]["fn"] == metrics["val_fn_at_threshold"] == int((truth & ~predicted).sum())
+    assert counts["at_threshold"]["tp"] == summary["val_tp_at_threshold"] == int((truth & predicted).sum())
+    assert counts["at_threshold"]["fn"] == summary["val_fn_at_threshold"] == int((truth & ~predicted).sum())
     assert (
-        counts["at_0.5"]["fp"] == metrics["val_fp_at_0.5"] == int((~truth & (predictions["probability"] >= 0.5)).sum())
+        counts["at_0.5"]["fp"] == summary["val_fp_at_0.5"] == int((~truth & (predictions["probability"] >= 0.5)).sum())
     )
     assert counts["at_threshold"]["class_names"] == list(CLASS_NAMES)
 
@@ -98,10 +105,9 @@ def test_dense_model_gets_a_gallery_without_heatmaps_and_a_given_threshold(model
     assert run.data.tags["pneumo.gradcam"].startswith("unavailable: model 'dense' has no convolutional layer")
     assert run.data.tags["pneumo.threshold_source"] == "parameter"
     assert run.data.metrics["threshold"] == 0.5
+    figures = {**run.data.metrics, **read_summary(run_id)}
     for name in THRESHOLD_METRICS:
-        assert run.data.metrics[f"val_{name}_at_threshold"] == pytest.approx(
-            run.data.metrics[f"val_{name}_at_0.5"], nan_ok=True
-        )
+        assert figures[f"val_{name}_at_threshold"] == pytest.approx(figures[f"val_{name}_at_0.5"], nan_ok=True)
     with Image.open(artifact(run_id, "plots/error_gallery.png", tmp_path)) as image:
         assert min(image.size) > 200
 

@@ -23,6 +23,7 @@ from pneumo.evaluate import evaluate
 from pneumo.metrics import bootstrap_intervals, positives_needed
 from pneumo.model_io import IDENTITY_COLUMNS, OUTPUT_COLUMNS, encode_file, load_trained_model
 from pneumo.preprocessing import InputSpec, clahe, decode_file
+from pneumo.tracking import read_summary
 
 pytest_plugins = ["model_fixtures"]
 
@@ -193,4 +194,5 @@ def test_site_version_carries_its_threshold_and_leaves_the_original_untouched(mo
     assert 0.9 <= point and low <= point <= high
     assert "in sample" in contract.site.figures.on
     # Intervals of the evaluated split at the model's own threshold are logged too.
-    assert metrics["train_roc_auc_ci_low"] <= metrics["train_roc_auc"] <= metrics["train_roc_auc_ci_high"]
+    summary = read_summary(run_id)
+    assert summary["train_roc_auc_ci_low"] <= metrics["train_roc_auc"] <= summary["train_roc_auc_ci_high"]

@@ -24,6 +24,7 @@ from helpers import free_port, stop_process_group, use_tracking_store, wait_unti
 from pneumo.aug_cnn import aug_cnn
 from pneumo.config import AugmentConfig, CNNConfig, DataConfig, EvalConfig, TrainConfig
 from pneumo.evaluate import evaluate
+from pneumo.tracking import SUMMARY_TABLE, read_summary
 
 README = (REPO / "README.md").read_text()
 # One port per service, as README's quick start gives them; its PostgreSQL is the tracking stack's.
@@ -142,6 +143,7 @@ def ui(tmp_path_factory):
                 ),
             )
             run_name = mlflow.get_run(train).info.run_name
+            n_train_normal = int(read_summary(train)["n_train_normal"])
         finally:
             mlflow.set_tracking_uri(None)
     port = free_port()
@@ -166,6 +168,7 @@ def ui(tmp_path_factory):
             train=train,
             evaluation=evaluation,
             run_name=run_name,
+            n_train_normal=n_train_normal,
         )
     finally:
         stop_process_group(process)
@@ -218,6 +221,10 @@ def test_the_ui_shows_runs_metrics_models_and_the_model_card(ui):
     for quantity in ("loss", "auc", "accuracy", "precision", "recall"):
         assert _follows(charts, quantity, "(2)"), (quantity, charts)
     assert _follows(charts, "optimizer", "(1)") and _follows(charts, "Model metrics", "(8)"), charts
+
+    # Its other single figures: the summary table, which the Artifacts tab shows as a table.
+    table = _seen(ui, f"{run_page}/artifacts/{SUMMARY_TABLE}")
+    assert _follows(table, "figure", "value") and _follows(table, "n_train_normal", str(ui.n_train_normal)), table
 
     # The training run lists its model, its 19 metrics, and the version registered from it.
     overview = _seen(ui, run_page)

@@ -21,6 +21,7 @@ from pneumo.config import AugmentConfig, CNNConfig, DataConfig, ResNetConfig, Tr
 from pneumo.contract import CONTRACT_VERSION, read_contract
 from pneumo.errors import ConfigError
 from pneumo.manifests import resolve_manifest
+from pneumo.metrics import HEADLINE_METRICS
 from pneumo.model_io import encode_file, predict_probabilities
 from pneumo.models import build_aug_cnn, build_resnet_base, build_resnet_head, stack_resnet, unfreeze_top_block
 from pneumo.pipeline import train_dataset
@@ -74,9 +75,18 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     ):
         assert name in run.data.params, name
     assert float(run.data.params["rotation"]) == 12 and run.data.params["flip"].lower() == "false"
-    for metric in ("loss/train", "loss/val", "auc/train", "auc/val", "accuracy/val", "precision/train", "recall/val"):
+    # What the run page charts: each epoch series as <quantity>/<split> (a section per quantity),
+    # the learning rate, and the headline single values; nothing else (the rest is in summary.json).
+    per_epoch = {f"{q}/{s}" for q in ("loss", "accuracy", "auc", "precision", "recall") for s in ("train", "val")}
+    headline = {"threshold", *(f"val_{name}" for name in HEADLINE_METRICS)}
+    charted = {key for key in run.data.metrics if not key.startswith("system/")}
+    assert charted == per_epoch | {"optimizer/learning_rate"} | headline
+    for metric in (*per_epoch, "optimizer/learning_rate"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == list(range(EPOCHS)), metric
+    assert {"val_accuracy_at_0.5", "val_tp_at_threshold", "val_roc_auc_ci_low", "fit_seconds"} <= set(
+        read_summary(run_id)
+    )
     logged = artifacts(client, run_id)
     for expected in (
         "plots/augmented_samples.png",

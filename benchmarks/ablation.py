@@ -103,6 +103,8 @@ def main() -> None:
     import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
+    from pneumo import tracking
+
     mlflow.set_tracking_uri(uri)
     cache = str(out / "cache")
     if args.rescore:
@@ -160,7 +162,7 @@ def main() -> None:
             "args": args.extra,
             "run_id": run.info.run_id,
             "wall_seconds": round(wall, 1),
-            "epochs_run": run.data.metrics.get("epochs_run"),
+            "epochs_run": tracking.read_summary(run.info.run_id).get("epochs_run"),
             "val_roc_auc": roc_auc_score(scores["val_labels"], scores["val_probabilities"]),
             "threshold": threshold,
             "test_roc_auc": roc_auc_score(labels, probabilities),

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import mlflow
 
+from pneumo import tracking
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,7 @@ def main() -> None:
         peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         mlflow.set_tracking_uri(uri)
         run = mlflow.search_runs(search_all_experiments=True, max_results=1, output_format="list")[0]
-    metrics = run.data.metrics
+    metrics = {**run.data.metrics, **tracking.read_summary(run.info.run_id)}
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "wall_seconds": round(wall, 1),

@@ -387,7 +387,7 @@ def adapt(data: DataConfig, config: AdaptConfig) -> str:
             )
             if parent.contract.input_gate is not None:
                 passed = parent.contract.input_gate.judge(sample.images).passed
-                tracking.log_metrics({"site_ood_pass_rate": float(passed.mean())})
+                tracking.log_summary({"site_ood_pass_rate": float(passed.mean())})
             final = adapter.fit(sample, 0)
             served = averaged([*fold_models, final]) if config.ensemble else final
             forgetting = _forgetting(served, parent, data, threshold)

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import LoggedModelInput
+from mlflow.tracking import MlflowClient
 
 from pneumo import (
     CLASS_NAMES,
@@ -86,8 +88,9 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
             mlflow.set_tag("pneumo.gradcam", "no gallery: patient images are kept out of artifacts (patient_images)")
         if site_threshold is not None:
             _register_site_version(trained, predicted, site_threshold, config, manifest)
+        decision = None
         if config.register:
-            registry.register_evaluated(
+            decision = registry.register_evaluated(
                 trained,
                 config.registered_name,
                 _validation_scorer(trained, predicted, config, manifest, data),
@@ -101,6 +104,8 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
             f"sensitivity {scores[f'{config.split}_sensitivity_at_threshold']:.3f}, "
             f"specificity {scores[f'{config.split}_specificity_at_threshold']:.3f}."
         )
+        if decision is not None:
+            summary += f" Registered as {decision.model_uri} ({decision.alias or 'no alias'}: {decision.reason})."
         log.info("%s", summary)
         # The run's description in the UI, which was empty for evaluate runs.
         mlflow.set_tag("mlflow.note.content", summary)
@@ -162,7 +167,13 @@ def _model_name(trained: TrainedModel) -> str:
 
 
 def _log_evaluated_model(trained: TrainedModel, config: EvalConfig) -> None:
-    """Tag the run with the model evaluated; log the input size and channels actually used."""
+    """Tag the run with the model evaluated, log it as the run's model input, and the input size and channels used.
+
+    The model input makes the run page list the evaluated model under "Logged models", and the
+    versions registered from it (by this run or another) under "Registered models": MLflow's UI
+    finds both through the run's model inputs and outputs, while a version's ``run_id`` stays the
+    run that trained it.
+    """
     # Params keep the values as given (``mlflow run`` has logged them already); what was
     # actually used is logged next to them.
     spec = trained.contract.input_spec
@@ -175,6 +186,9 @@ def _log_evaluated_model(trained: TrainedModel, config: EvalConfig) -> None:
             "pneumo.threshold_source": "model" if config.threshold < 0 else "parameter",
         }
     )
+    if trained.model_id:
+        # The client's call: the fluent mlflow.log_inputs takes models on Databricks only.
+        MlflowClient().log_inputs(mlflow.active_run().info.run_id, models=[LoggedModelInput(trained.model_id)])
 
 
 def _predict_evaluated_split(
@@ -203,18 +217,26 @@ def _predict_evaluated_split(
 
 
 def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float, split: str) -> dict[str, float]:
-    """Log the clinical metrics at the threshold and at 0.5, counts, and overlap with training."""
+    """Log the clinical metrics at the threshold and at 0.5, counts, and overlap with training.
+
+    The headline figures (:data:`pneumo.metrics.HEADLINE_METRICS`), ``threshold`` and
+    ``n_images_seen_in_training`` are metrics; the rest go to the run's summary table.
+
+    Returns:
+        Every figure logged, by name.
+    """
     scores = metrics.metrics_at_thresholds(predicted.labels, predicted.probabilities, threshold, split)
-    scores.update(
-        {"threshold": threshold, f"n_{split}_images": len(predicted.labels), "n_skipped_images": predicted.n_skipped}
-    )
+    headline, details = metrics.split_headline(scores, split)
+    headline["threshold"] = threshold
+    details.update({f"n_{split}_images": len(predicted.labels), "n_skipped_images": predicted.n_skipped})
     try:
         overlap = manifests.training_overlap(trained.run_id, predicted.images.frame["sha256"])
     except DataError as error:  # recorded, never silent: the figures cannot be vouched for
         log.warning("the evaluated images cannot be checked against the model's training split: %s", error)
         mlflow.set_tag(OVERLAP_TAG, f"not checked: {error}")
     else:
-        scores["n_images_seen_in_training"] = overlap
+        # A metric, not a summary row: above 0 the figures are optimistic, and runs are sorted on it.
+        headline["n_images_seen_in_training"] = overlap
         mlflow.set_tag(OVERLAP_TAG, "checked")
         if overlap:
             log.warning(
@@ -222,8 +244,9 @@ def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float
                 overlap,
                 len(predicted.labels),
             )
-    tracking.log_metrics(scores)
-    return scores
+    tracking.log_metrics(headline)
+    tracking.log_summary(details)
+    return {**headline, **details}
 
 
 def _log_trust(trained: TrainedModel, predicted: Predictions, split: str) -> None:
@@ -243,22 +266,28 @@ def _log_trust(trained: TrainedModel, predicted: Predictions, split: str) -> Non
         figures |= {f"{split}_ood_pass_rate": float(passed.mean()), f"n_{split}_uncertain": int((~passed).sum())}
     else:
         mlflow.set_tag("pneumo.input_gate", "none: the model was logged before the input gate existed")
-    tracking.log_metrics(figures)
+    tracking.log_summary(figures)
 
 
 def _log_intervals(predicted: Predictions, threshold: float, prefix: str, resamples: int) -> dict:
     """Log patient-grouped bootstrap 95% intervals of ROC AUC, sensitivity and specificity.
 
-    Metrics ``<prefix>_roc_auc_ci_low``/``_ci_high`` and ``<prefix>_{sensitivity,specificity}_at_threshold_ci_*``,
-    and ``<prefix>_confidence_intervals.json``. With ``resamples`` 0 nothing is logged.
+    Summary-table rows ``<prefix>_roc_auc_ci_low``/``_ci_high`` and
+    ``<prefix>_{sensitivity,specificity}_at_threshold_ci_*``, and ``<prefix>_confidence_intervals.json``.
+    With ``resamples`` 0 nothing is logged.
     """
     if resamples <= 0:
         return {}
     groups = patient_key(predicted.images.frame).to_numpy(str)
     intervals = metrics.bootstrap_intervals(predicted.labels, predicted.probabilities, threshold, groups, resamples)
     names = {"roc_auc": "roc_auc", "sensitivity": "sensitivity_at_threshold", "specificity": "specificity_at_threshold"}
-    for metric, (_, low, high) in intervals.items():
-        tracking.log_metrics({f"{prefix}_{names[metric]}_ci_low": low, f"{prefix}_{names[metric]}_ci_high": high})
+    tracking.log_summary(
+        {
+            f"{prefix}_{names[metric]}_ci_{side}": bound
+            for metric, (_, low, high) in intervals.items()
+            for side, bound in (("low", low), ("high", high))
+        }
+    )
     payload = {
         "threshold": threshold,
         "confidence": 0.95,
@@ -276,12 +305,13 @@ def _log_without_shared_ids(manifest: Manifest, predicted: Predictions, threshol
 
     The dataset numbers patients per folder, so ``person102`` in test and in train may or may not be
     one child. Reporting both figures shows whether such possible repeats flatter the result:
-    ``<split>_excl_shared_ids_*`` and ``n_<split>_shared_id_images``.
+    metrics ``<split>_excl_shared_ids_*``, and the counts ``n_<split>_shared_id_images`` and
+    ``n_<split>_excl_shared_ids_images`` in the summary table.
     """
     if split not in ("test",):
         return
     shared = ids_shared_with_training(manifest.frame, predicted.images.frame)
-    tracking.log_metrics({f"n_{split}_shared_id_images": int(shared.sum())})
+    tracking.log_summary({f"n_{split}_shared_id_images": int(shared.sum())})
     keep = ~shared
     if shared.any() and len(np.unique(predicted.labels[keep])) == 2:
         subset = metrics.binary_metrics(predicted.labels[keep], predicted.probabilities[keep], threshold)
@@ -290,9 +320,9 @@ def _log_without_shared_ids(manifest: Manifest, predicted: Predictions, threshol
                 f"{split}_excl_shared_ids_roc_auc": subset["roc_auc"],
                 f"{split}_excl_shared_ids_sensitivity_at_threshold": subset["sensitivity"],
                 f"{split}_excl_shared_ids_specificity_at_threshold": subset["specificity"],
-                f"n_{split}_excl_shared_ids_images": int(keep.sum()),
             }
         )
+        tracking.log_summary({f"n_{split}_excl_shared_ids_images": int(keep.sum())})
 
 
 def _card_figures(predicted: Predictions, threshold: float, intervals: dict, split: str) -> Figures | None:

@@ -63,7 +63,7 @@ def log_manifest(manifest: Manifest, context: str) -> None:
     Always the manifest (``manifest.csv``), its metadata (``manifest_meta.json``, so that this run's
     id can be the ``manifest`` of later runs) and an MLflow dataset input with its digest. For a
     manifest made now also the discovery report: ``rejected_files.csv``, the class distribution
-    plot and the counts as metrics.
+    plot and the counts (in the run's summary table).
 
     Args:
         manifest: The manifest.
@@ -77,8 +77,12 @@ def log_manifest(manifest: Manifest, context: str) -> None:
             tracking.log_dataframe(manifest.duplicates, DUPLICATES_FILE)
         tracking.log_figure(plot_class_distribution(manifest.frame), "plots/class_distribution.png")
         counts = manifest.frame.groupby(["split", "label_name"]).size()
-        tracking.log_metrics({f"n_{split}_{name.lower()}": n for (split, name), n in counts.items()})
-        tracking.log_metrics({"n_rejected": len(manifest.rejected)})
+        tracking.log_summary(
+            {
+                **{f"n_{split}_{name.lower()}": n for (split, name), n in counts.items()},
+                "n_rejected": len(manifest.rejected),
+            }
+        )
     _log_manifest_input(manifest, context)
 
 

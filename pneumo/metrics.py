@@ -99,6 +99,26 @@ def metrics_at_thresholds(
     return metrics
 
 
+# The figures a training run keeps as metrics, to sort and compare runs on (``<prefix>_<name>``); the
+# rest of metrics_at_thresholds (counts, accuracy and F1, everything at 0.5) goes to its summary table.
+HEADLINE_METRICS = (
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "sensitivity_at_threshold",
+    "specificity_at_threshold",
+    "ppv_at_threshold",
+    "npv_at_threshold",
+)
+
+
+def split_headline(scores: dict[str, float], prefix: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Split :func:`metrics_at_thresholds`' figures into the headline ones (:data:`HEADLINE_METRICS`) and the rest."""
+    names = {f"{prefix}_{name}" for name in HEADLINE_METRICS}
+    headline = {key: value for key, value in scores.items() if key in names}
+    return headline, {key: value for key, value in scores.items() if key not in names}
+
+
 def confusion_counts(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
     """Confusion matrix as a JSON-ready dict with class names and the threshold."""
     predicted = (np.asarray(probabilities) >= threshold).astype(int)

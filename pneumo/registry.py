@@ -81,6 +81,11 @@ class Decision:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def model_uri(self) -> str:
+        """``models:/<name>/<version>``: the version registered."""
+        return f"models:/{self.registered_name}/{self.version}"
+
 
 def current_champion(name: str) -> ModelVersion | None:
     """The version holding the ``champion`` alias of ``name``, or None (no model or no alias)."""
@@ -296,12 +301,21 @@ def register_version(
 
 
 def _log_registration(decision: Decision, curves: dict[str, Curve], manifest_digest: str, n_images: int) -> None:
-    """What the evaluation run records about a registration: tags, metrics, ``registration.json``, both ROC curves."""
+    """What the evaluation run records about a registration: tags, metrics, ``registration.json``, both ROC curves.
+
+    The tags ``pneumo.registered_version`` and ``pneumo.registered_model_uri`` point the run at the
+    version. (The run page's "Registered models" lists it through the evaluated model, which the
+    run logs as its model input; the version's own run stays the training run.)
+    """
     tracking.log_metrics({"registration_candidate_val_roc_auc": decision.candidate_val_roc_auc})
     if decision.champion_val_roc_auc is not None:
         tracking.log_metrics({"registration_champion_val_roc_auc": decision.champion_val_roc_auc})
     mlflow.set_tags(
-        {"pneumo.registered_version": decision.version, "pneumo.alias": decision.alias or "none (below the floors)"}
+        {
+            "pneumo.registered_version": decision.version,
+            "pneumo.registered_model_uri": decision.model_uri,
+            "pneumo.alias": decision.alias or "none (below the floors)",
+        }
     )
     tracking.log_json(
         {**decision.as_dict(), "manifest_digest": manifest_digest, "n_val_images": n_images}, "registration.json"

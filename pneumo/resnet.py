@@ -85,7 +85,7 @@ def resnet(data: DataConfig, train: TrainConfig, resnet_config: ResNetConfig) ->
 
         started = time.perf_counter()
         train_features, val_features = extract_features(base, images.train), extract_features(base, images.val)
-        tracking.log_metrics({"feature_extraction_seconds": time.perf_counter() - started})
+        tracking.log_summary({"feature_extraction_seconds": time.perf_counter() - started})
 
         head = models.build_resnet_head(train_features.inputs.shape[1:], resnet_config)
         with tempfile.TemporaryDirectory() as folder:

@@ -23,6 +23,8 @@ from pneumo.runs import guarded
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_TAG = "pneumo.entry_point"
+# The artifact holding a run's single figures that are not headline metrics (see log_summary).
+SUMMARY_TABLE = "summary.json"
 
 
 def _is_generated_name(name: str | None) -> bool:
@@ -103,6 +105,28 @@ def log_dataframe(frame: pd.DataFrame, artifact_file: str) -> None:
         path = Path(folder) / Path(artifact_file).name
         frame.to_csv(path, index=False)
         mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_summary(figures: dict[str, Any]) -> None:
+    """Add single figures of the run (counts, sizes, timings, interval bounds, figures at 0.5) to its summary table.
+
+    The table is the artifact :data:`SUMMARY_TABLE` (``mlflow.log_table``: one row per figure,
+    columns ``figure`` and ``value``, appended to by each call), shown as a table on the run's
+    artifacts tab. Only the headline figures users sort and compare runs on stay metrics: the run
+    page draws one chart per metric, and dozens of single-value bar charts buried its curves.
+    Undefined values are kept (NaN, stored as JSON null), as :func:`log_metrics` keeps them.
+    """
+    frame = pd.DataFrame({"figure": list(figures), "value": [float(value) for value in figures.values()]})
+    mlflow.log_table(frame, SUMMARY_TABLE)
+
+
+def read_summary(run_id: str) -> dict[str, float]:
+    """A run's summary table (:func:`log_summary`) as ``{figure: value}``; empty when the run has none."""
+    client = MlflowClient()
+    if not any(item.path == SUMMARY_TABLE for item in client.list_artifacts(run_id)):
+        return {}
+    frame = client.load_table(client.get_run(run_id).info.experiment_id, SUMMARY_TABLE, run_ids=[run_id])
+    return {str(name): float(value) for name, value in zip(frame["figure"], frame["value"].astype(float))}
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:

@@ -93,8 +93,21 @@ def compile_model(
     return model
 
 
+def epoch_metric_key(name: str) -> str:
+    """The MLflow key of a Keras epoch metric: ``val_auc`` -> ``auc/val``, ``auc`` -> ``auc/train``.
+
+    MLflow's run page puts the charts of keys sharing a prefix before the last ``/`` in one
+    section named by that prefix, so the training and validation curves of one quantity sit
+    side by side (section ``auc``, charts ``train`` and ``val``) instead of far apart in one
+    alphabetical list. The learning rate gets its own section, ``optimizer``.
+    """
+    if name == "learning_rate":
+        return "optimizer/learning_rate"
+    return f"{name.removeprefix('val_')}/val" if name.startswith("val_") else f"{name}/train"
+
+
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Log every Keras epoch metric (train and ``val_*``) and the learning rate to MLflow."""
+    """Log every Keras epoch metric (train and validation) and the learning rate (keys: :func:`epoch_metric_key`)."""
 
     def __init__(self, step_offset: int = 0):
         super().__init__()
@@ -105,7 +118,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         if "learning_rate" not in scalars and getattr(self.model, "optimizer", None) is not None:
             # Keras 3 evaluates the schedule (cosine decay) at the current step when this is read.
             scalars["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
-        tracking.log_metrics(scalars, step=self.step_offset + epoch)
+        tracking.log_metrics({epoch_metric_key(k): v for k, v in scalars.items()}, step=self.step_offset + epoch)
 
 
 @dataclass
@@ -143,7 +156,8 @@ def fit(
 ) -> dict[str, list[float]]:
     """Compile and fit ``model``; the best epoch's weights are saved to ``checkpoint`` and left in ``model``.
 
-    Also logs the wall time, epochs run and training throughput (metric names start with ``prefix``).
+    Also adds the wall time, epochs run and training throughput to the run's summary table (names
+    start with ``prefix``).
 
     Returns:
         Keras' history dict (one list per metric).
@@ -182,7 +196,7 @@ def fit(
     )
     seconds = time.perf_counter() - started
     epochs_run = len(history.history.get("loss", []))
-    tracking.log_metrics(
+    tracking.log_summary(
         {
             f"{prefix}fit_seconds": seconds,
             f"{prefix}epochs_run": epochs_run,
@@ -227,7 +241,7 @@ def load_training_data(config: DataConfig) -> TrainingData:
         pipeline.load_split(manifest.split(split), manifest.data_dir, config.input_spec, config.cache_dir)
         for split in ("train", "val")
     )
-    tracking.log_metrics({"n_train_images": len(train.labels), "n_val_images": len(val.labels)})
+    tracking.log_summary({"n_train_images": len(train.labels), "n_val_images": len(val.labels)})
     return TrainingData(manifest.data_dir, train, val)
 
 
@@ -262,7 +276,9 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
         The contract logged with the model.
     """
     labels, probabilities, threshold = data.val.labels, result.val_probabilities, result.threshold
-    tracking.log_metrics({**result.val_metrics, "threshold": threshold})
+    headline, details = metrics.split_headline(result.val_metrics, "val")
+    tracking.log_metrics({**headline, "threshold": threshold})
+    tracking.log_summary(details)
     if result.history:
         monitored = result.history.get(configs.train.monitor, [])
         best = None
@@ -288,8 +304,13 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
     predictions = data.val.frame[["path", "patient_id", "label"]].assign(probability=probabilities)
     tracking.log_dataframe(predictions, "val_predictions.csv")
     figures = validation_figures(labels, probabilities, threshold, data.val.frame)
-    for metric, (_, low, high) in figures.intervals.items():
-        tracking.log_metrics({f"val_{metric}_ci_low": low, f"val_{metric}_ci_high": high})
+    tracking.log_summary(
+        {
+            f"val_{metric}_ci_{side}": bound
+            for metric, (_, low, high) in figures.intervals.items()
+            for side, bound in (("low", low), ("high", high))
+        }
+    )
     gate, fitted = fit_trust(labels, probabilities, data, configs.data.seed)
     contract = ModelContract(
         entry_point=configs.entry_point,
@@ -316,7 +337,7 @@ def fit_trust(
     Logs ``val_ood_pass_rate`` and what :func:`log_calibration` logs for ``val``.
     """
     gate = ood.fit_gate(data.train.images, data.val.images)
-    tracking.log_metrics({"val_ood_pass_rate": gate.validation_pass_rate})
+    tracking.log_summary({"val_ood_pass_rate": gate.validation_pass_rate})
     return gate, log_calibration(labels, probabilities, VALIDATION_ON, seed, "val")
 
 
@@ -337,7 +358,7 @@ def log_calibration(
         prefix: Metric and file prefix (``val``, ``site``).
     """
     fitted = calibration.fit_calibration(labels, probabilities, fitted_on, seed)
-    tracking.log_metrics({f"{prefix}_ece": fitted.ece_before, f"{prefix}_ece_calibrated": fitted.ece_after})
+    tracking.log_summary({f"{prefix}_ece": fitted.ece_before, f"{prefix}_ece_calibrated": fitted.ece_after})
     scored = {
         "raw score": probabilities,
         "calibrated (out of fold)": calibration.cross_fitted(labels, probabilities, seed),

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import KerasPruningCallback
 from sklearn.metrics import log_loss
 
-from pneumo import models, plots, tracking, tune_recovery
+from pneumo import metrics, models, plots, tracking, tune_recovery
 from pneumo.config import (
     AugmentConfig,
     CNNConfig,
@@ -173,7 +173,9 @@ class Objective:
                 value = objective_value(
                     self.tune.objective, self.images.val.labels, result.val_probabilities, result.val_metrics
                 )
-                tracking.log_metrics({**result.val_metrics, "threshold": result.threshold, "objective_value": value})
+                headline, details = metrics.split_headline(result.val_metrics, "val")
+                tracking.log_metrics({**headline, "threshold": result.threshold, "objective_value": value})
+                tracking.log_summary(details)
                 mlflow.set_tag(STATE_TAG, TrialState.COMPLETE.name)
         if pruned is not None:
             raise pruned

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import mlflow
 import numpy as np
@@ -17,6 +19,8 @@ from pneumo.calibration import expected_calibration_error
 from pneumo.cli import main as cli_main
 from pneumo.config import CNNConfig, DataConfig, EvalConfig
 from pneumo.evaluate import default_model_uri, evaluate
+from pneumo.metrics import HEADLINE_METRICS
+from pneumo.tracking import read_summary
 
 pytest_plugins = ["model_fixtures"]
 
@@ -56,9 +60,14 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     assert run.data.tags["pneumo.gradcam"] == "on"
     assert run.data.params["model_image_size"] == "64" and run.data.params["model_channels"] == "1"
 
-    metrics = run.data.metrics
+    # The headline figures are metrics; the others rows of the run's summary table, never both.
+    metrics, summary = run.data.metrics, read_summary(run_id)
     for name in THRESHOLD_METRICS:
-        assert f"val_{name}_at_threshold" in metrics and f"val_{name}_at_0.5" in metrics, name
+        at_threshold = f"val_{name}_at_threshold"
+        assert (at_threshold in metrics) == (f"{name}_at_threshold" in HEADLINE_METRICS) != (at_threshold in summary)
+        assert f"val_{name}_at_0.5" in summary and f"val_{name}_at_0.5" not in metrics, name
+    assert summary["n_skipped_images"] == 0
+    assert summary["n_val_images"] == len(pd.read_csv(artifact(run_id, "predictions.csv", tmp_path)))
     threshold = metrics["threshold"]
     assert threshold == pytest.approx(model_run.data.metrics["threshold"])  # the stored one
     assert metrics["n_images_seen_in_training"] == 0
@@ -72,12 +81,12 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     judged = predictions["in_distribution"].astype(bool)
     assert (predictions["served_label"][judged] == predictions["predicted_label"][judged]).all()
     assert (predictions["served_label"][~judged] == "UNCERTAIN").all()
-    assert metrics["val_ood_pass_rate"] == pytest.approx(judged.mean())
+    assert summary["val_ood_pass_rate"] == pytest.approx(judged.mean())
     served_truth = (predictions["true_label"] == "PNEUMONIA").to_numpy()
-    assert metrics["val_ece_calibrated"] == pytest.approx(
+    assert summary["val_ece_calibrated"] == pytest.approx(
         expected_calibration_error(served_truth, predictions["served_probability"].to_numpy())
     )
-    assert metrics["val_ece"] == pytest.approx(expected_calibration_error(served_truth, predictions["probability"]))
+    assert summary["val_ece"] == pytest.approx(expected_calibration_error(served_truth, predictions["probability"]))
     manifest = pd.read_csv(artifact(run_id, "manifest.csv", tmp_path))
     assert sorted(predictions["file"]) == sorted(manifest.loc[manifest["split"] == "val", "path"])
     assert (
@@ -91,10 +100,10 @@ def test_evaluate_logs_metrics_figures_predictions_and_gallery(models_store, tmp
     assert metrics["val_roc_auc"] == pytest.approx(model_run.data.metrics["val_roc_auc"], abs=1e-6)
     predicted = (predictions["predicted_label"] == "PNEUMONIA").to_numpy()
     counts = read_json(artifact(run_id, "confusion_matrix.json", tmp_path))
-    assert counts["at_threshold"]["tp"] == metrics["val_tp_at_threshold"] == int((truth & predicted).sum())
-    assert counts["at_threshold"]["fn"] == metrics["val_fn_at_threshold"] == int((truth & ~predicted).sum())
+    assert counts["at_threshold"]["tp"] == summary["val_tp_at_threshold"] == int((truth & predicted).sum())
+    assert counts["at_threshold"]["fn"] == summary["val_fn_at_threshold"] == int((truth & ~predicted).sum())
     assert (
-        counts["at_0.5"]["fp"] == metrics["val_fp_at_0.5"] == int((~truth & (predictions["probability"] >= 0.5)).sum())
+        counts["at_0.5"]["fp"] == summary["val_fp_at_0.5"] == int((~truth & (predictions["probability"] >= 0.5)).sum())
     )
     assert counts["at_threshold"]["class_names"] == list(CLASS_NAMES)
 
@@ -110,10 +119,9 @@ def test_dense_model_gets_a_gallery_without_heatmaps_and_a_given_threshold(model
     assert run.data.tags["pneumo.gradcam"].startswith("unavailable: model 'dense' has no convolutional layer")
     assert run.data.tags["pneumo.threshold_source"] == "parameter"
     assert run.data.metrics["threshold"] == 0.5
+    figures = {**run.data.metrics, **read_summary(run_id)}
     for name in THRESHOLD_METRICS:
-        assert run.data.metrics[f"val_{name}_at_threshold"] == pytest.approx(
-            run.data.metrics[f"val_{name}_at_0.5"], nan_ok=True
-        )
+        assert figures[f"val_{name}_at_threshold"] == pytest.approx(figures[f"val_{name}_at_0.5"], nan_ok=True)
     with Image.open(artifact(run_id, "plots/error_gallery.png", tmp_path)) as image:
         assert min(image.size) > 200
 
@@ -138,6 +146,17 @@ def test_register_moves_champion_only_for_a_better_model(models_store, tmp_path)
     )
     assert first.data.tags["pneumo.alias"] == "champion"
     assert client.get_registered_model(REGISTERED).aliases == {"champion": 1}
+    # The evaluate run points at the version it registered: tags, description, and its model input,
+    # whose logged model lists the version (what the run page's "Registered models" shows). The
+    # version itself still belongs to the run that trained it.
+    assert first.data.tags["pneumo.registered_model_uri"] == f"models:/{REGISTERED}/1"
+    assert f"Registered as models:/{REGISTERED}/1 (champion: " in first.data.tags["mlflow.note.content"]
+    [model_input] = first.inputs.model_inputs
+    logged = mlflow.get_logged_model(model_input.model_id)
+    assert logged.source_run_id == worst
+    versions = [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])]
+    assert (REGISTERED, "1") in versions
+    assert client.get_model_version(REGISTERED, "1").run_id == worst
 
     better = evaluate_model(models_store, model_uri=models_store.model_uri(best), register=True, **NO_FLOORS)
     decision = read_json(artifact(better, "registration.json", tmp_path))

@@ -23,6 +23,7 @@ from pneumo.evaluate import evaluate
 from pneumo.metrics import bootstrap_intervals, positives_needed
 from pneumo.model_io import IDENTITY_COLUMNS, OUTPUT_COLUMNS, encode_file, load_trained_model
 from pneumo.preprocessing import InputSpec, clahe, decode_file
+from pneumo.tracking import read_summary
 
 pytest_plugins = ["model_fixtures"]
 
@@ -185,7 +186,7 @@ def test_site_version_carries_its_threshold_and_leaves_the_original_untouched(mo
     assert champion.predict(cell)["threshold"].iloc[0] == pytest.approx(
         float(champion_contract.calibration.apply(mlflow.get_run(models_store.aug_cnn).data.metrics["threshold"]))
     )
-    assert {"site_ece", "site_ece_calibrated"} <= set(metrics)
+    assert {"site_ece", "site_ece_calibrated"} <= set(read_summary(run_id))
     details = read_json(
         mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="site_calibration.json", dst_path=str(tmp_path)
@@ -201,4 +202,5 @@ def test_site_version_carries_its_threshold_and_leaves_the_original_untouched(mo
     assert 0.9 <= point and low <= point <= high
     assert "in sample" in contract.site.figures.on
     # Intervals of the evaluated split at the model's own threshold are logged too.
-    assert metrics["train_roc_auc_ci_low"] <= metrics["train_roc_auc"] <= metrics["train_roc_auc_ci_high"]
+    summary = read_summary(run_id)
+    assert summary["train_roc_auc_ci_low"] <= metrics["train_roc_auc"] <= summary["train_roc_auc_ci_high"]

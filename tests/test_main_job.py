@@ -21,9 +21,11 @@ from pneumo.config import AugmentConfig, CNNConfig, DataConfig, ResNetConfig, Tr
 from pneumo.contract import CONTRACT_VERSION, read_contract
 from pneumo.errors import ConfigError
 from pneumo.manifests import resolve_manifest
+from pneumo.metrics import HEADLINE_METRICS
 from pneumo.model_io import encode_file, predict_probabilities
 from pneumo.models import build_aug_cnn, build_resnet_base, build_resnet_head, stack_resnet, unfreeze_top_block
 from pneumo.pipeline import train_dataset
+from pneumo.tracking import read_summary
 
 EPOCHS = 2
 
@@ -73,15 +75,27 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     ):
         assert name in run.data.params, name
     assert float(run.data.params["rotation"]) == 12 and run.data.params["flip"].lower() == "false"
-    for metric in ("loss", "val_loss", "auc", "val_auc", "accuracy", "val_accuracy", "precision", "val_recall"):
+    # What the run page charts: each epoch series as <quantity>/<split> (a section per quantity),
+    # the learning rate, and the headline single values; nothing else (the rest is in summary.json).
+    per_epoch = {f"{q}/{s}" for q in ("loss", "accuracy", "auc", "precision", "recall") for s in ("train", "val")}
+    headline = {"threshold", *(f"val_{name}" for name in HEADLINE_METRICS)}
+    charted = {key for key in run.data.metrics if not key.startswith("system/")}
+    assert charted == per_epoch | {"optimizer/learning_rate"} | headline
+    for metric in (*per_epoch, "optimizer/learning_rate"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == list(range(EPOCHS)), metric
+    summary = read_summary(run_id)
+    assert {"val_accuracy_at_0.5", "val_tp_at_threshold", "val_roc_auc_ci_low", "fit_seconds"} <= set(summary)
+    # The input gate and the calibration fitted with the model, and how they did on validation.
+    assert 0.95 <= summary["val_ood_pass_rate"] <= 1.0
+    assert 0.0 <= summary["val_ece_calibrated"] <= 1.0 and 0.0 <= summary["val_ece"] <= 1.0
     logged = artifacts(client, run_id)
     for expected in (
         "plots/augmented_samples.png",
         "plots/training_curves.png",
         "plots/confusion_matrix_val_threshold.png",
         "plots/confusion_matrix_val_0.5.png",
+        "plots/calibration_val.png",
         "confusion_matrix_val.json",
         "threshold.json",
         "manifest.csv",
@@ -119,8 +133,9 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
     assert out["in_distribution"].all() and (out["ood_score"] <= 1).all()  # training X-rays pass the gate
     # Any training run's id works as the manifest of a later run (same images, same data folder).
     manifest = resolve_manifest(DataConfig(manifest=run_id))
+    summary = read_summary(run_id)
     assert manifest.data_dir == small_data.resolve() and len(manifest.frame) == int(
-        run.data.metrics["n_train_images"] + run.data.metrics["n_val_images"]
+        summary["n_train_images"] + summary["n_val_images"]
     )
     contract = read_contract(read_text(client.download_artifacts(run_id, "model/artifacts/model_config.json")))
     assert (contract.input_spec.image_size, contract.input_spec.channels) == (64, 1)
@@ -149,10 +164,11 @@ def test_resnet_trains_head_on_cached_features(repo, tracking, small_data):
     run = client.get_run(run_id)
     assert run.data.params["weights"] == "none"
     assert run.data.tags["pneumo.entry_point"] == "resnet"
-    assert run.data.metrics["feature_extraction_seconds"] > 0
+    summary = read_summary(run_id)
+    assert summary["feature_extraction_seconds"] > 0
     # Head epochs, then the fine-tuning epoch continuing the same curves.
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == list(range(EPOCHS + 1))
-    assert run.data.metrics["head_epochs_run"] == EPOCHS and run.data.metrics["fine_tune_epochs_run"] == 1
+    assert [m.step for m in client.get_metric_history(run_id, "loss/val")] == list(range(EPOCHS + 1))
+    assert summary["head_epochs_run"] == EPOCHS and summary["fine_tune_epochs_run"] == 1
     logged = artifacts(client, run_id)
     assert {"plots/training_curves.png", "plots/confusion_matrix_val_threshold.png", "threshold.json"} <= logged
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")

@@ -67,7 +67,7 @@ def _training_run(pid: int | None = None):
     for run in mlflow.search_runs(search_all_experiments=True, output_format="list"):
         tags = run.data.tags
         if run.info.status == "RUNNING" and (pid is None or tags.get(runs.PID_TAG) == str(pid)):
-            if "loss" in run.data.metrics:
+            if "loss/train" in run.data.metrics:
                 return run
     return None
 
@@ -185,7 +185,7 @@ def test_a_signal_during_training_ends_the_run_killed_with_what_it_logged(tracki
             process.kill()
     ended = MlflowClient().get_run(run.info.run_id)
     assert ended.info.status == "KILLED"
-    assert "loss" in ended.data.metrics and ended.data.params["epochs"] == "300"  # what was logged stays
+    assert "loss/train" in ended.data.metrics and ended.data.params["epochs"] == "300"  # what was logged stays
     text = log.read_text()
     assert f"stopped by {signal.Signals(signum).name}: run {run.info.run_id} ended KILLED" in text
     assert "Traceback" not in text

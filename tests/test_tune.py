@@ -62,7 +62,7 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
     assert len(trials) == 2
     for run in trials:
         assert run.info.status == "FINISHED" and run.data.tags["optuna.trial_state"] == "COMPLETE"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [0, 1]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "auc/val")] == [0, 1]
         assert run.data.params["monitor"] == "val_auc" and run.data.params["epochs"] == "2"
         # The objective is the exact (sklearn) ROC AUC of the kept weights on the grouped validation split.
         assert run.data.metrics["objective_value"] == pytest.approx(run.data.metrics["val_roc_auc"])
@@ -92,7 +92,7 @@ def test_trials_are_nested_runs_and_a_rerun_resumes_with_pruning_and_retraining(
     [pruned] = _children(client, second)
     assert pruned.data.tags["optuna.trial_number"] == "2"
     assert pruned.info.status == "FINISHED" and pruned.data.tags["optuna.trial_state"] == "PRUNED"
-    assert [m.step for m in client.get_metric_history(pruned.info.run_id, "val_auc")] == [0]
+    assert [m.step for m in client.get_metric_history(pruned.info.run_id, "auc/val")] == [0]
     assert pruned.data.metrics["pruned_at_epoch"] == 0
 
     study = optuna.load_study(study_name="tiny", storage=storage)

@@ -3,7 +3,8 @@
 Times, on real training images decoded with the default aug_cnn input spec (128x128 grayscale,
 pneumo's CLAHE) in batches as the server makes them (64 images):
   - the forward pass of the default aug_cnn architecture (:func:`pneumo.model_io.predict_probabilities`;
-    weights do not change the cost, so they are untrained), and
+    weights do not change the cost, so they are untrained; at the precision training would pick,
+    ``precision=auto``), and
   - the gate's judgement of the same batch plus the calibration of the scores
     (:func:`pneumo.serving.answer_frame`: everything the server adds after the forward pass),
 each the median of ``--repeats`` runs, and prints the ratio (issue 16 asks for under 10%).
@@ -30,6 +31,7 @@ from pneumo.contract import Figures, ModelContract  # noqa: E402
 from pneumo.ood import fit_gate  # noqa: E402
 from pneumo.preprocessing import decode_image  # noqa: E402
 from pneumo.serving import answer_frame  # noqa: E402
+from pneumo.training import set_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 64
@@ -64,6 +66,7 @@ def main() -> None:
         input_gate=fit_gate(images[::2], images[1::2]),
         calibration=Calibration(0.5, -0.5, "benchmark", 0, 0.0, 0.0),
     )
+    policy = set_precision("auto")
     model = models.build_aug_cnn(spec.image_size, spec.channels)
     batches = [images[i : i + BATCH] for i in range(0, len(images), BATCH)]
     scores = np.full(BATCH, 0.5)
@@ -73,7 +76,7 @@ def main() -> None:
         lambda: [answer_frame(contract, batch, scores[: len(batch)]) for batch in batches], args.repeats
     )
     per_image = 1000 / len(images)
-    print(f"{len(images)} images, batches of {BATCH}, median of {args.repeats}")
+    print(f"{len(images)} images, batches of {BATCH}, median of {args.repeats}, model precision {policy}")
     print(f"forward pass:            {forward * per_image:.3f} ms per image")
     print(f"gate + calibration:      {gated * per_image:.3f} ms per image")
     print(f"ratio gate / forward:    {gated / forward:.3f}")

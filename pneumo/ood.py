@@ -54,7 +54,7 @@ _VARIANCE_FLOOR = 1e-3
 
 def _gray(images: np.ndarray) -> np.ndarray:
     """``(n, side, side)`` float32 intensities 0..1 of a ``(n, side, side, channels)`` uint8 batch."""
-    return images.astype(np.float32).mean(axis=-1) / np.float32(255.0)
+    return _levels(images).astype(np.float32) * np.float32(1.0 / (255 * images.shape[-1]))
 
 
 def thumbnails(gray: np.ndarray) -> np.ndarray:
@@ -66,31 +66,54 @@ def _halved(gray: np.ndarray) -> np.ndarray:
     """The batch at half resolution (2 x 2 means; an odd last row or column is dropped)."""
     n, height, width = gray.shape
     even = gray[:, : height // 2 * 2, : width // 2 * 2]
-    return even.reshape(n, height // 2, 2, width // 2, 2).mean(axis=(2, 4))
+    return (even[:, ::2, ::2] + even[:, 1::2, ::2] + even[:, ::2, 1::2] + even[:, 1::2, 1::2]) * np.float32(0.25)
 
 
-def texture_statistics(gray: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
-    """``(n, 8)`` global statistics of a gray batch and its thumbnails (see the module docstring)."""
+def _edges(batch: np.ndarray) -> np.ndarray:
+    """Log of the mean absolute difference between neighbouring pixels, down and across."""
+    down = np.abs(batch[:, 1:] - batch[:, :-1]).mean(axis=(1, 2))
+    across = np.abs(batch[:, :, 1:] - batch[:, :, :-1]).mean(axis=(1, 2))
+    return np.log(down + across + 1e-3)
 
-    def edges(batch: np.ndarray) -> np.ndarray:
-        strength = np.abs(np.diff(batch, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(batch, axis=2)).mean(axis=(1, 2))
-        return np.log(strength + 1e-3)
 
-    n = len(gray)
-    flat = gray.reshape(n, -1)
-    # One bincount for the whole batch: image i's 16 bins are i*16 .. i*16+15.
-    bins = np.minimum(flat * 16, 15).astype(np.int64) + 16 * np.arange(n)[:, None]
-    shares = np.bincount(bins.ravel(), minlength=16 * n).reshape(n, 16) / flat.shape[1]
-    entropy = -(shares * np.log(np.where(shares > 0, shares, 1.0))).sum(axis=1)
+def _levels(images: np.ndarray) -> np.ndarray:
+    """The batch's gray levels as integers ``0 .. 255 * channels`` (the channels' sum), uint8 or uint16."""
+    return images[..., 0] if images.shape[-1] == 1 else images.sum(axis=-1, dtype=np.uint16)
+
+
+def texture_statistics(images: np.ndarray, gray: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
+    """``(n, 8)`` global statistics of a batch (see the module docstring).
+
+    Args:
+        images: The ``(n, side, side, channels)`` uint8 batch.
+        gray: Its intensities 0..1 (:func:`_gray`), for the edge strengths.
+        thumbs: Its thumbnails, for the layout's contrast.
+
+    Brightness, contrast, the histogram's entropy and the dark and bright shares come from one
+    exact histogram of each image's integer gray levels (OpenCV's, in C): the same figures as from
+    the pixels, at a fraction of the cost.
+    """
+    n = len(images)
+    levels = _levels(images)
+    top = 255 * images.shape[-1]
+    value = np.arange(top + 1) / top  # the intensity (0..1) of each level
+    counts = np.stack([cv2.calcHist([image], [0], None, [top + 1], [0, top + 1]).ravel() for image in levels])
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    mean = shares @ value
+    std = np.sqrt(np.maximum(shares @ value**2 - mean**2, 0.0))
+    coarse = np.zeros((top + 1, 16))
+    coarse[np.arange(top + 1), np.minimum(np.arange(top + 1) * 16 // top, 15)] = 1.0
+    sixteenths = shares @ coarse
+    entropy = -(sixteenths * np.log(np.where(sixteenths > 0, sixteenths, 1.0))).sum(axis=1)
     return np.stack(
         [
-            flat.mean(axis=1),
-            flat.std(axis=1),
-            edges(gray),
-            edges(_halved(gray)),
+            mean,
+            std,
+            _edges(gray),
+            _edges(_halved(gray)),
             entropy,
-            (flat < _DARK).mean(axis=1),
-            (flat > _BRIGHT).mean(axis=1),
+            shares @ (value < _DARK),
+            shares @ (value > _BRIGHT),
             thumbs.reshape(n, -1).std(axis=1),
         ],
         axis=1,
@@ -224,7 +247,7 @@ def _distances(layout: Gaussian, texture: Gaussian, images: np.ndarray) -> tuple
         layout.distance(np.rot90(thumbs, 1, axes=(1, 2)).reshape(len(thumbs), -1).astype(np.float64)),
         layout.distance(np.rot90(thumbs, 3, axes=(1, 2)).reshape(len(thumbs), -1).astype(np.float64)),
     )
-    return layout.distance(flat), texture.distance(texture_statistics(gray, thumbs)), np.maximum(turned, 1e-12)
+    return layout.distance(flat), texture.distance(texture_statistics(images, gray, thumbs)), np.maximum(turned, 1e-12)
 
 
 def fit_gate(train_images: np.ndarray, val_images: np.ndarray, pass_rate: float = VALIDATION_PASS_RATE) -> InputGate:
@@ -241,7 +264,7 @@ def fit_gate(train_images: np.ndarray, val_images: np.ndarray, pass_rate: float 
     gray = _gray(train_images)
     thumbs = thumbnails(gray)
     layout = Gaussian.fit(thumbs.reshape(len(thumbs), -1).astype(np.float64), COMPONENTS)
-    texture = Gaussian.fit(texture_statistics(gray, thumbs))
+    texture = Gaussian.fit(texture_statistics(train_images, gray, thumbs))
     calibration = val_images if len(val_images) else train_images
     layout_distance, texture_distance, turned = _distances(layout, texture, calibration)
     upright = layout_distance <= turned

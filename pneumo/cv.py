@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,7 +277,12 @@ def refit_and_log(
     """
     X, y, _ = cv_arrays(data.train)
     final = clone(estimator).set_params(callbacks=[training.MlflowEpochLogger()])
+    started = time.perf_counter()
     final.fit(X, y, validation_data=(data.val.images, data.val.labels.astype(np.float32)))
+    # The refit's own time and length, as every other training run reports them.
+    tracking.log_summary(
+        {"fit_seconds": time.perf_counter() - started, "epochs_run": len(final.model_.history.history["loss"])}
+    )
     probabilities, threshold, val_metrics = training.evaluate_validation(
         final.model_, data.val, configs.train.target_sensitivity
     )

@@ -77,7 +77,7 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
         predicted = _predict_evaluated_split(trained, manifest, config.split, data.cache_dir, config.tta)
         site_threshold = _site_threshold(predicted, config) if config.calibrate else None  # refuses early
         scores = _log_metrics(trained, predicted, threshold, config.split)
-        _log_trust(trained, predicted, config.split)
+        trust = _log_trust(trained, predicted, config.split)
         intervals = _log_intervals(predicted, threshold, config.split, config.bootstrap)
         _log_without_shared_ids(manifest, predicted, threshold, config.split)
         title = f"{_model_name(trained)} on {config.split} ({len(predicted.labels)} images)"
@@ -97,7 +97,7 @@ def evaluate(data: DataConfig, config: EvalConfig) -> str:
                 manifest.digest,
                 manifest.split("val")["sha256"],
                 registry.Floors(config.floor_sensitivity, config.floor_specificity, config.floor_roc_auc),
-                _card_figures(predicted, threshold, intervals, config.split),
+                _card_figures(predicted, threshold, intervals, config.split, trust),
             )
         summary = (
             f"{title}: ROC AUC {scores[f'{config.split}_roc_auc']:.4f}; at threshold {threshold:.3f} "
@@ -249,7 +249,7 @@ def _log_metrics(trained: TrainedModel, predicted: Predictions, threshold: float
     return {**headline, **details}
 
 
-def _log_trust(trained: TrainedModel, predicted: Predictions, split: str) -> None:
+def _log_trust(trained: TrainedModel, predicted: Predictions, split: str) -> dict[str, float]:
     """Log what the served answers would say about the split beyond the label: calibration and the input gate.
 
     ``<split>_ece`` (raw score) and ``<split>_ece_calibrated`` (as served), and the input gate's
@@ -267,6 +267,7 @@ def _log_trust(trained: TrainedModel, predicted: Predictions, split: str) -> Non
     else:
         mlflow.set_tag("pneumo.input_gate", "none: the model was logged before the input gate existed")
     tracking.log_summary(figures)
+    return figures
 
 
 def _log_intervals(predicted: Predictions, threshold: float, prefix: str, resamples: int) -> dict:
@@ -325,13 +326,20 @@ def _log_without_shared_ids(manifest: Manifest, predicted: Predictions, threshol
         tracking.log_summary({f"n_{split}_excl_shared_ids_images": int(keep.sum())})
 
 
-def _card_figures(predicted: Predictions, threshold: float, intervals: dict, split: str) -> Figures | None:
-    """The evaluated split's figures for the model card: only the official test split (another acquisition)."""
+def _card_figures(
+    predicted: Predictions, threshold: float, intervals: dict, split: str, trust: dict[str, float]
+) -> Figures | None:
+    """The evaluated split's figures for the model card: only the official test split (another acquisition).
+
+    With the calibration error and the input gate's pass rate there (``ece``, ``ece_calibrated``,
+    ``ood_pass_rate``, from :func:`_log_trust`).
+    """
     if split != "test":
         return None
     return Figures(
         on="the official test split's local half (another hospital's acquisition)",
-        metrics=metrics.binary_metrics(predicted.labels, predicted.probabilities, threshold),
+        metrics=metrics.binary_metrics(predicted.labels, predicted.probabilities, threshold)
+        | {key.removeprefix(f"{split}_"): value for key, value in trust.items() if key.startswith(f"{split}_")},
         intervals=intervals,
         n_images=int(len(predicted.labels)),
         n_patients=int(patient_key(predicted.images.frame).nunique()),

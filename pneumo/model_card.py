@@ -39,6 +39,14 @@ KNOWN_LIMITS = (
 )
 
 
+# Figures of the calibration and the input gate, where a Figures holds them (see pneumo.training.fit_trust).
+TRUST_FIGURES = {
+    "ece": "expected calibration error, raw score",
+    "ece_calibrated": "expected calibration error, calibrated (as served)",
+    "ood_pass_rate": "share passing the input gate",
+}
+
+
 def _number(value: float, digits: int = 3) -> str:
     return "undefined" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -58,6 +66,9 @@ def _figures_table(figures: Figures) -> list[str]:
         interval = figures.intervals.get(name)
         bounds = f"[{_number(interval[1])}, {_number(interval[2])}]" if interval else "not computed"
         rows.append(f"| {name.replace('_', ' ')} | {_number(figures.metrics[name])} | {bounds} |")
+    for name, words in TRUST_FIGURES.items():
+        if name in figures.metrics:
+            rows.append(f"| {words} | {_number(figures.metrics[name])} | not computed |")
     return rows + [""]
 
 

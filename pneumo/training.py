@@ -9,6 +9,7 @@ parts: :func:`fit`, :func:`evaluate_validation` and :func:`log_outputs`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -312,6 +313,8 @@ def log_outputs(configs: RunConfigs, result: TrainResult, data: TrainingData) ->
         }
     )
     gate, fitted = fit_trust(labels, probabilities, data, configs.data.seed)
+    trust = {"ece": fitted.ece_before, "ece_calibrated": fitted.ece_after, "ood_pass_rate": gate.validation_pass_rate}
+    figures = dataclasses.replace(figures, metrics=figures.metrics | trust)
     contract = ModelContract(
         entry_point=configs.entry_point,
         input_spec=configs.data.input_spec,

@@ -184,5 +184,14 @@ def test_the_model_card_says_what_the_calibration_and_the_gate_are(small_gate):
     assert "0.063 raw, 0.016 calibrated (out of fold)" in card
     assert f"{100 * gate.validation_pass_rate:.1f}% of {gate.n_calibrated} validation X-rays pass" in card
     assert "UNCERTAIN" in card and "rotated by 90 or 270 degrees" in card
+    # The figures tables carry the calibration error and the gate's pass rate where the figures hold them.
+    validation = Figures(
+        "validation", {"roc_auc": 0.99, "ece": 0.063, "ece_calibrated": 0.016, "ood_pass_rate": 0.9923}
+    )
+    tested = Figures("the test half", {"roc_auc": 0.96, "ece": 0.124, "ece_calibrated": 0.158, "ood_pass_rate": 0.984})
+    card = model_card(_contract(validation=validation), "m", "3", "champion", "abc", evaluation=tested)
+    assert "| expected calibration error, calibrated (as served) | 0.016 |" in card
+    assert "| expected calibration error, calibrated (as served) | 0.158 |" in card
+    assert "| share passing the input gate | 0.984 |" in card
     bare = model_card(_contract(), "m", "1", "champion", "abc")
     assert "Calibration: none" in bare and "Input gate: none" in bare

@@ -26,6 +26,13 @@ from mlflow.tracking import MlflowClient
 
 from pneumo.pipeline import ImageSet
 
+# The served answer's columns, spelled out: the label and its scores, the input gate's verdict,
+# then which model answered (a test of pneumo.model_io's constants, not a copy of them).
+ANSWER_COLUMNS = [
+    *("label", "probability", "threshold", "in_distribution", "ood_score"),
+    *("model_id", "model_run_id", "code_version"),
+]
+
 
 def use_tracking_store(patch: pytest.MonkeyPatch, root: Path, experiment: str) -> str:
     """Point MLflow, here and in subprocesses, at a new SQLite store under ``root`` with one experiment.

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import artifacts, cached_set, read_json, read_text, run_project
+from helpers import ANSWER_COLUMNS, artifacts, cached_set, read_json, read_text, run_project
 from pneumo import training
 from pneumo.augmentation import build_augmenter
 from pneumo.config import AugmentConfig, CNNConfig, DataConfig, ResNetConfig, TrainConfig
@@ -113,16 +113,7 @@ def test_aug_cnn_logs_everything(aug_cnn_run, small_data):
         + sorted((small_data / "train" / "NORMAL").iterdir())[:2]
     )
     out = model.predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))
-    assert list(out.columns) == [
-        "label",
-        "probability",
-        "threshold",
-        "in_distribution",
-        "ood_score",
-        "model_id",
-        "model_run_id",
-        "code_version",
-    ]
+    assert list(out.columns) == ANSWER_COLUMNS
     # Every row says which model answered: this run's logged model, and the commit that trained it.
     assert (out["model_run_id"] == run_id).all() and out["model_id"].str.startswith("m-").all()
     assert (out["code_version"] == run.data.tags.get("mlflow.source.git.commit", "")).all()

@@ -27,7 +27,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from sklearn.metrics import roc_auc_score
 
 import xray_files as xf
-from helpers import serve_model
+from helpers import ANSWER_COLUMNS, serve_model
 from pneumo import CLASS_NAMES, predict
 from pneumo.limits import MAX_REQUEST_PIXELS, MAX_ROWS
 from pneumo.model_io import IMAGE_COLUMN
@@ -143,16 +143,7 @@ def good_cell(unseen) -> str:
 def predictions(response: requests.Response) -> pd.DataFrame:
     assert response.status_code == 200, response.text[:2000]
     frame = pd.DataFrame(response.json()["predictions"])
-    assert list(frame.columns) == [
-        "label",
-        "probability",
-        "threshold",
-        "in_distribution",
-        "ood_score",
-        "model_id",
-        "model_run_id",
-        "code_version",
-    ]
+    assert list(frame.columns) == ANSWER_COLUMNS
     return frame
 
 
@@ -410,16 +401,7 @@ def test_logged_signature_and_input_example_work_over_http(server, models_store,
     local = Path(mlflow.artifacts.download_artifacts(SERVED_URI, dst_path=str(tmp_path)))
     model = Model.load(str(local))
     assert model.signature.inputs.input_names() == [IMAGE_COLUMN]
-    assert model.signature.outputs.input_names() == [
-        "label",
-        "probability",
-        "threshold",
-        "in_distribution",
-        "ood_score",
-        "model_id",
-        "model_run_id",
-        "code_version",
-    ]
+    assert model.signature.outputs.input_names() == ANSWER_COLUMNS
     # MLflow's own serving example is answered, and it is the synthetic image, no patient's: a drawing,
     # which the input gate rightly does not take for a radiograph.
     example = (local / model.saved_input_example_info["serving_input_path"]).read_text()

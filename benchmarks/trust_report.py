@@ -10,7 +10,9 @@ test half, which is only measured: nothing here is chosen on it.
 
     python benchmarks/trust_report.py [--seeds 42,1,2]
 
-Writes ``benchmarks/results/trust/report.json`` and prints the table README gives.
+Writes ``benchmarks/results/trust/report.json`` and, per seed, the reliability diagrams on
+validation (raw, calibrated out of fold) and on the test half (raw, calibrated on validation,
+site-calibrated out of fold) as ``reliability_<split>_<seed>.png``, and prints the table README gives.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pneumo import pipeline  # noqa: E402
+from pneumo import pipeline, plots  # noqa: E402
 from pneumo.calibration import cross_fitted, expected_calibration_error, fit_calibration  # noqa: E402
 from pneumo.config import DataConfig  # noqa: E402
 from pneumo.data import prepare_manifest, site_manifest  # noqa: E402
@@ -66,6 +69,26 @@ def seed_report(seed: int, data_dir: Path, site_dir: Path) -> dict:
     # Site calibration (legal use 2 of the test half): refitted on the site's own scores, each image
     # calibrated by a fit on the other folds, as evaluate -P calibrate=true and adapt measure it.
     site_calibrated = cross_fitted(test_labels, test_scores, seed)
+    out = Path(SCORES).parents[1] / "trust"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, labels, scored in (
+        ("val", val_labels, {"raw score": val_scores, "calibrated (out of fold)": out_of_fold_val}),
+        (
+            "test",
+            test_labels,
+            {
+                "raw score": test_scores,
+                "calibrated on validation (as served)": calibrated_test,
+                "site-calibrated (out of fold)": site_calibrated,
+            },
+        ),
+    ):
+        title = (
+            f"default aug_cnn, seed {seed}: {'validation' if split == 'val' else 'test half'} ({len(labels)} images)"
+        )
+        figure = plots.plot_calibration(labels, scored, title)
+        figure.savefig(out / f"reliability_{split}_{seed}.png", dpi=110)
+        plt.close(figure)
     band = (test_scores >= 0.685) & (test_scores <= 0.9)  # the band issue 16 measured (6 of 30 pneumonia)
     return {
         "seed": seed,

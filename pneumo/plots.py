@@ -198,6 +198,7 @@ def plot_calibration(labels: np.ndarray, scored: dict[str, np.ndarray], title: s
         )
     curve.set_title(_wrapped(title), fontsize=10)
     curve.set_xlabel("")
+    curve.set_ylabel("observed share with pneumonia")
     curve.legend(loc="upper left", fontsize=8)
     last_name, last = list(scored.items())[-1]
     for label, colour in ((0, "#4c72b0"), (1, "#dd8452")):

@@ -4,15 +4,17 @@ For each seed, as ``aug_cnn`` does at training time: the manifest's patient-grou
 with that seed, the input gate is fitted on its training images and its limits set on its
 validation images (:func:`pneumo.ood.fit_gate`), and Platt scaling is fitted on that seed's
 validation scores (:func:`pneumo.calibration.fit_calibration`). The scores are the default
-``aug_cnn`` models' own, saved by ``benchmarks/ablation.py`` (``benchmarks/results/ablation/
-scores/default-<seed>.npz``). Measured on validation (the calibration out of fold) and on the
+``aug_cnn`` models' own, saved by ``python benchmarks/ablation.py --variant default --seeds 42,1,2``
+(``outputs/ablation/scores/default-<seed>.npz``: per-image scores with file names, so they stay
+out of the repository). Measured on validation (the calibration out of fold) and on the
 test half, which is only measured: nothing here is chosen on it.
 
     python benchmarks/trust_report.py [--seeds 42,1,2]
 
-Writes ``benchmarks/results/trust/report.json`` and, per seed, the reliability diagrams on
-validation (raw, calibrated out of fold) and on the test half (raw, calibrated on validation,
-site-calibrated out of fold) as ``reliability_<split>_<seed>.png``, and prints the table README gives.
+Writes ``benchmarks/results/trust/report.json`` (figures only) and, per seed, the reliability
+diagrams on validation (raw, calibrated out of fold) and on the test half (raw, calibrated on
+validation, site-calibrated out of fold) as ``outputs/trust/reliability_<split>_<seed>.png``, and
+prints the table README gives.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pneumo.data import prepare_manifest, site_manifest  # noqa: E402
 from pneumo.ood import fit_gate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SCORES = REPO / "benchmarks" / "results" / "ablation" / "scores"
+SCORES = REPO / "outputs" / "ablation" / "scores"
+FIGURES = REPO / "outputs" / "trust"
 RESAMPLES = 1000
 
 
@@ -69,8 +72,7 @@ def seed_report(seed: int, data_dir: Path, site_dir: Path) -> dict:
     # Site calibration (legal use 2 of the test half): refitted on the site's own scores, each image
     # calibrated by a fit on the other folds, as evaluate -P calibrate=true and adapt measure it.
     site_calibrated = cross_fitted(test_labels, test_scores, seed)
-    out = Path(SCORES).parents[1] / "trust"
-    out.mkdir(parents=True, exist_ok=True)
+    FIGURES.mkdir(parents=True, exist_ok=True)
     for split, labels, scored in (
         ("val", val_labels, {"raw score": val_scores, "calibrated (out of fold)": out_of_fold_val}),
         (
@@ -87,7 +89,7 @@ def seed_report(seed: int, data_dir: Path, site_dir: Path) -> dict:
             f"default aug_cnn, seed {seed}: {'validation' if split == 'val' else 'test half'} ({len(labels)} images)"
         )
         figure = plots.plot_calibration(labels, scored, title)
-        figure.savefig(out / f"reliability_{split}_{seed}.png", dpi=110)
+        figure.savefig(FIGURES / f"reliability_{split}_{seed}.png", dpi=110)
         plt.close(figure)
     band = (test_scores >= 0.685) & (test_scores <= 0.9)  # the band issue 16 measured (6 of 30 pneumonia)
     return {
